@@ -1,0 +1,363 @@
+"""
+SeTok: a visual tokenizer that turns an image into a *variable* number of concept tokens.
+(Wu et al., "Towards Semantic Equivalence of Tokenization in Multimodal LLM", ICLR 2025.)
+
+Read this file top to bottom; it is the tutorial.
+
+    image (B,3,H,W)
+      -> ViT encoder                      patch features   x      (B, N, C)   N = (H/p)*(W/p)
+      -> density-peak clustering          labels                  (B, N)      a cluster id per patch
+                                          num_tokens              (B,)        how many clusters
+      -> token merger                     tokens                  (B, K, D)   K = max_tokens (padded)
+           intra-cluster transformer      (patches attend only within their own cluster)
+           average pool per cluster
+           inter-cluster transformer      (tokens attend to each other, padding masked)
+                                          token_mask              (B, K)      True for real tokens
+      -> detok.py renders tokens back to pixels; setokim.py feeds them to an LLM.
+
+Training signal (train_setok.py): reconstruction through the detokenizer + a concept-level
+contrastive loss between tokens and the noun phrases ("large red circle") of the image.
+The clustering itself is hard (no gradient): the encoder learns through the merger.
+
+Sections: 1) building blocks shared by every file  2) ViT encoder  3) density-peak clustering
+4) baseline tokenizers  5) token merger  6) SeTok  7) concept text encoder + contrastive loss.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1) Building blocks. Written once here; detok.py and setokim.py import them.
+
+
+def pos_embed_2d(h, w, dim):
+    """Fixed 2D sin-cos position embedding (as in MAE): half the channels encode the row, half the
+    column, each as sin/cos at geometrically spaced frequencies. Returns (h*w, dim), row-major."""
+    assert dim % 4 == 0, "2D sin-cos embedding needs dim divisible by 4"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # (dim/4,)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing='ij')
+    ys, xs = ys.flatten()[:, None] * omega, xs.flatten()[:, None] * omega                # (h*w, dim/4)
+    return torch.cat([ys.sin(), ys.cos(), xs.sin(), xs.cos()], dim=1)                    # (h*w, dim)
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Self-attention when ctx is None, else cross-attention to ctx.
+    mask: bool, broadcastable to (B, heads, Nq, Nk), True = may attend."""
+
+    def __init__(self, dim, n_head, ctx_dim=None):
+        super().__init__()
+        assert dim % n_head == 0
+        self.n_head = n_head
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(ctx_dim or dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx=None, mask=None, cache=None):
+        """cache (a dict, used by setokim.py's generation): this layer's keys/values so far; the new
+        ones are appended to it and x attends to all of them (a KV cache)."""
+        B, Nq, C = x.shape
+        ctx = x if ctx is None else ctx
+        q = self.q(x).view(B, Nq, self.n_head, C // self.n_head).transpose(1, 2)            # (B, h, Nq, C/h)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            if 'k' in cache:
+                k, v = torch.cat([cache['k'], k], 2), torch.cat([cache['v'], v], 2)        # (B, h, Nk, C/h)
+            cache['k'], cache['v'] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                          # (B, h, Nq, C/h)
+        return self.proj(y.transpose(1, 2).reshape(B, Nq, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden=None, out=None):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden or 4 * dim)
+        self.out = nn.Linear(hidden or 4 * dim, out or dim)
+
+    def forward(self, x):
+        return self.out(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). With ctx_dim it also
+    cross-attends (between self-attention and the MLP) to a context sequence."""
+
+    def __init__(self, dim, n_head, ctx_dim=None):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, n_head)
+        if ctx_dim is not None:
+            self.ln_x, self.ln_ctx, self.xattn = nn.LayerNorm(dim), nn.LayerNorm(ctx_dim), Attention(dim, n_head, ctx_dim)
+        self.ln2, self.mlp = nn.LayerNorm(dim), MLP(dim)
+
+    def forward(self, x, mask=None, ctx=None, ctx_mask=None, cache=None):
+        x = x + self.attn(self.ln1(x), mask=mask, cache=cache)
+        if ctx is not None:
+            x = x + self.xattn(self.ln_x(x), self.ln_ctx(ctx), mask=ctx_mask)
+        return x + self.mlp(self.ln2(x))
+
+
+# -----------------------------------------------------------------------------
+# 2) The vision encoder: a plain ViT. The paper uses a frozen SigLIP; here it is trained from scratch.
+
+class ViT(nn.Module):
+    def __init__(self, image_size, patch_size, dim, depth, n_head):
+        super().__init__()
+        self.grid = image_size // patch_size
+        self.patch = nn.Conv2d(3, dim, patch_size, patch_size)   # non-overlapping p x p patches
+        self.register_buffer('pos', pos_embed_2d(self.grid, self.grid, dim), persistent=False)
+        self.blocks = nn.ModuleList([Block(dim, n_head) for _ in range(depth)])
+        self.ln = nn.LayerNorm(dim)
+
+    def forward(self, img):                                       # img (B, 3, H, W) in [0, 1]
+        x = self.patch((img - 0.5) / 0.25)                        # (B, C, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2) + self.pos               # (B, N, C)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.ln(x)                                         # (B, N, C)
+
+
+# -----------------------------------------------------------------------------
+# 3) Density-peak clustering (DPC-KNN), batched over images, no Python loops.
+#
+# A patch is a good cluster centre when it is dense (many patches look like it) AND far from any
+# denser patch. Three changes to the authors' version make it robust:
+#   * scale-free: distances are divided by the image's mean pairwise distance, so rho lies in (0, 1]
+#     and delta is measured in units of that mean distance: `threshold` (on rho * delta) means the
+#     same whatever the scale of the features. A centre must be dense AND about `threshold` mean
+#     distances away from anything denser;
+#   * deterministic: density ties are broken by patch index (lower index counts as denser), never
+#     by random noise;
+#   * k (the kNN size for density) is its own setting, and the token count is clamped to
+#     [min_tokens, max_tokens] by taking the top-scoring patches.
+
+@torch.no_grad()
+def density_peak_cluster(x, k=5, threshold=0.1, min_tokens=1, max_tokens=16):
+    """x (B, N, C) -> labels (B, N) long in [0, num_tokens[b]), num_tokens (B,) long.
+    Cluster 0 is the one whose centre has the highest score, 1 the next, and so on."""
+    B, N, C = x.shape
+    x = x.float()
+    d = torch.cdist(x, x) / math.sqrt(C)                                    # (B, N, N) d_ij
+    d = d / d.mean(dim=(1, 2), keepdim=True).clamp_min(1e-12)               # scale-free
+    knn = d.topk(k + 1, dim=-1, largest=False).values[..., 1:]              # (B, N, k) skip self
+    rho = torch.exp(-(knn ** 2).mean(-1))                                   # (B, N) local density
+    # rank patches by density, ties by index: rank 0 = densest. "j denser than i" <=> rank_j < rank_i
+    order = torch.sort(-rho, dim=1, stable=True).indices                    # (B, N)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=x.device).expand(B, N))
+    denser = rank[:, None, :] < rank[:, :, None]                            # (B, N, N) [b,i,j]
+    delta = torch.where(denser, d, torch.full_like(d, float('inf'))).amin(-1)   # (B, N)
+    delta = torch.where(rank == 0, d.amax(-1), delta)                       # densest: its largest distance
+    score = rho * delta                                                     # (B, N)
+    num_tokens = (score > threshold).sum(1).clamp(min_tokens, max_tokens)   # (B,)
+    # centres: the num_tokens highest scores (ties by index); pad to max_tokens for static shapes
+    centres = torch.sort(-score, dim=1, stable=True).indices[:, :max_tokens]  # (B, K)
+    valid = torch.arange(max_tokens, device=x.device)[None] < num_tokens[:, None]  # (B, K)
+    dc = d.gather(2, centres[:, None, :].expand(B, N, max_tokens))          # (B, N, K) patch-centre
+    dc = dc.masked_fill(~valid[:, None, :], float('inf'))
+    labels = dc.argmin(-1)                                                  # (B, N) nearest centre
+    # a centre always belongs to its own cluster (matters only for exact duplicates)
+    own = torch.where(valid, torch.arange(max_tokens, device=x.device).expand(B, -1), labels.gather(1, centres))
+    labels = labels.scatter(1, centres, own)
+    return labels, num_tokens
+
+
+def density_peak_cluster_reference(x, k=5, threshold=0.1, min_tokens=1, max_tokens=16):
+    """The same algorithm for ONE image (N, C), written with plain loops for readability and as the
+    reference that tests hold the batched version to. Slow: do not use in training."""
+    N, C = x.shape
+    x = x.double()
+    d = [[(x[i] - x[j]).norm().item() / math.sqrt(C) for j in range(N)] for i in range(N)]
+    mean = sum(map(sum, d)) / (N * N)
+    d = [[v / mean for v in row] for row in d]
+    rho = [math.exp(-sum(v * v for v in sorted(row[:i] + row[i + 1:])[:k]) / k) for i, row in enumerate(d)]
+    order = sorted(range(N), key=lambda i: (-rho[i], i))                     # densest first
+    rank = {i: r for r, i in enumerate(order)}
+    delta = [max(d[i]) if rank[i] == 0 else min(d[i][j] for j in range(N) if rank[j] < rank[i]) for i in range(N)]
+    score = [r * dl for r, dl in zip(rho, delta)]
+    n = min(max(sum(s > threshold for s in score), min_tokens), max_tokens)
+    centres = sorted(range(N), key=lambda i: (-score[i], i))[:n]
+    labels = [min(range(n), key=lambda c: (d[i][centres[c]], c)) for i in range(N)]
+    for c, i in enumerate(centres):
+        labels[i] = c
+    return torch.tensor(labels), n
+
+
+# -----------------------------------------------------------------------------
+# 4) Baseline tokenizers behind the same interface, for controlled comparisons: they only change
+# how patches are grouped; the merger and everything downstream stay the same.
+
+def grid_labels(B, grid, g, device=None):
+    """'grid': a fixed g x g partition of the grid x grid patch map. (B, N) labels, g*g tokens."""
+    r = torch.arange(grid, device=device) * g // grid                       # patch row -> cell row
+    return (r[:, None] * g + r[None, :]).flatten().expand(B, -1)            # (B, N)
+
+
+def patch_labels(B, N, device=None):
+    """'patch': every patch is its own token."""
+    return torch.arange(N, device=device).expand(B, -1)                     # (B, N)
+
+
+# -----------------------------------------------------------------------------
+# 5) The token merger.
+
+class TokenMerger(nn.Module):
+    """patches (B,N,C) + labels (B,N) -> tokens (B,K,D).
+    intra-cluster attention is one dense attention with a block mask (labels_i == labels_j), so
+    every cluster of every image is processed in one batched call; average pooling per cluster is a
+    one-hot matmul; the inter-cluster transformer masks the padded token slots."""
+
+    def __init__(self, dim, n_head, out_dim, intra_depth=2, inter_depth=2):
+        super().__init__()
+        self.intra = nn.ModuleList([Block(dim, n_head) for _ in range(intra_depth)])
+        self.inter = nn.ModuleList([Block(dim, n_head) for _ in range(inter_depth)])
+        self.ln = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, out_dim)
+
+    def pool(self, x, pos, labels, K):
+        """The intra-cluster stage: patches attend within their cluster, then are averaged per cluster.
+        Token k of an image depends only on the patches of cluster k. -> (B, K, C)"""
+        x = x + pos                                                         # (B, N, C)
+        same = (labels[:, :, None] == labels[:, None, :])[:, None]          # (B, 1, N, N) block mask
+        for blk in self.intra:
+            x = blk(x, mask=same)
+        onehot = F.one_hot(labels, K).to(x.dtype)                           # (B, N, K)
+        counts = onehot.sum(1).clamp_min(1)                                 # (B, K) patches per cluster
+        return onehot.transpose(1, 2) @ x / counts[..., None]               # (B, K, C) cluster means
+
+    def forward(self, x, pos, labels, num_tokens, K):
+        t = self.pool(x, pos, labels, K)                                    # (B, K, C)
+        token_mask = torch.arange(K, device=x.device)[None] < num_tokens[:, None]  # (B, K)
+        for blk in self.inter:
+            t = blk(t, mask=token_mask[:, None, None, :])                   # keys: real tokens only
+        return self.out(self.ln(t)), token_mask                             # (B, K, D), (B, K)
+
+    def reference(self, x, pos, labels, num_tokens, K):
+        """The authors' way: loop over images and clusters, run the intra-cluster transformer on each
+        cluster's patches alone. Kept as the reference the batched forward is tested against (and
+        that bench.py times)."""
+        out = torch.zeros(x.shape[0], K, self.out.out_features)
+        for b in range(x.shape[0]):
+            toks = []
+            for c in range(int(num_tokens[b])):
+                p = (x[b] + pos)[labels[b] == c][None]                      # (1, n_c, C)
+                for blk in self.intra:
+                    p = blk(p)
+                toks.append(p.mean(1))
+            t = torch.cat(toks)[None]                                       # (1, k_b, C)
+            for blk in self.inter:
+                t = blk(t)
+            out[b, :t.shape[1]] = self.out(self.ln(t))[0]
+        return out
+
+
+# -----------------------------------------------------------------------------
+# 6) SeTok
+
+@dataclass
+class SeTokConfig:
+    image_size: int = 64
+    patch_size: int = 4
+    dim: int = 128            # encoder / merger width
+    depth: int = 4            # ViT encoder blocks
+    n_head: int = 4
+    token_dim: int = 128      # D, the width of the output tokens
+    intra_depth: int = 2
+    inter_depth: int = 2
+    tokenizer: str = 'setok'  # setok | grid | patch
+    cluster_k: int = 5
+    cluster_threshold: float = 0.1
+    cluster_pos_weight: float = 1.0
+    min_tokens: int = 1
+    max_tokens: int = 16
+    grid_size: int = 3        # tokens per side for tokenizer='grid'
+
+
+class SeTok(nn.Module):
+    def __init__(self, cfg: SeTokConfig):
+        super().__init__()
+        assert cfg.tokenizer in ('setok', 'grid', 'patch'), f"unknown tokenizer {cfg.tokenizer}"
+        self.cfg = cfg
+        self.grid = cfg.image_size // cfg.patch_size
+        self.encoder = ViT(cfg.image_size, cfg.patch_size, cfg.dim, cfg.depth, cfg.n_head)
+        self.merger = TokenMerger(cfg.dim, cfg.n_head, cfg.token_dim, cfg.intra_depth, cfg.inter_depth)
+        self.register_buffer('pos', pos_embed_2d(self.grid, self.grid, cfg.dim), persistent=False)
+
+    @property
+    def max_tokens(self):
+        c = self.cfg
+        return {'setok': c.max_tokens, 'grid': c.grid_size ** 2, 'patch': self.grid ** 2}[c.tokenizer]
+
+    def cluster(self, x):
+        """x (B, N, C) encoder features -> labels (B, N), num_tokens (B,)."""
+        c, (B, N, _) = self.cfg, x.shape
+        if c.tokenizer == 'grid':
+            return grid_labels(B, self.grid, c.grid_size, x.device), torch.full((B,), c.grid_size ** 2, device=x.device)
+        if c.tokenizer == 'patch':
+            return patch_labels(B, N, x.device), torch.full((B,), N, device=x.device)
+        feats = x.detach() + c.cluster_pos_weight * self.pos                # cluster on content + position
+        return density_peak_cluster(feats, c.cluster_k, c.cluster_threshold, c.min_tokens, c.max_tokens)
+
+    def forward(self, img):
+        """img (B, 3, H, W) in [0,1] -> tokens (B, K, D), token_mask (B, K) bool, labels (B, N)."""
+        x = self.encoder(img)                                               # (B, N, C)
+        labels, num_tokens = self.cluster(x)                                # (B, N), (B,)
+        tokens, token_mask = self.merger(x, self.pos, labels, num_tokens, self.max_tokens)
+        return tokens, token_mask, labels
+
+
+# -----------------------------------------------------------------------------
+# 7) Concept text encoder and the concept-level contrastive loss.
+
+class TextEncoder(nn.Module):
+    """A small transformer over the subword ids of a concept ("large red circle"), mean-pooled over
+    its real tokens and projected to the token width D. The paper uses SigLIP's text tower."""
+
+    def __init__(self, vocab_size, dim, depth, n_head, out_dim, max_len=16, pad_id=3):
+        super().__init__()
+        self.pad_id = pad_id
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.zeros(max_len, dim))
+        self.blocks = nn.ModuleList([Block(dim, n_head) for _ in range(depth)])
+        self.ln, self.out = nn.LayerNorm(dim), nn.Linear(dim, out_dim)
+
+    def forward(self, ids):                                                 # ids (M, L), pad = pad_id
+        keep = ids != self.pad_id                                           # (M, L)
+        x = self.tok(ids) + self.pos[:ids.shape[1]]                         # (M, L, C)
+        for blk in self.blocks:
+            x = blk(x, mask=keep[:, None, None, :])
+        x = (self.ln(x) * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)  # (M, C)
+        return self.out(x)                                                  # (M, D)
+
+
+def concept_contrastive_loss(tokens, token_mask, concepts, concept_ids, concept_valid, logit_scale):
+    """
+    Weakly supervised, concept-level image-text InfoNCE (GroupViT-style multi-label targets,
+    FILIP-style token matching). No masks are used: which token stands for which concept is learned.
+      tokens (B, K, D), token_mask (B, K)   the visual tokens of B images
+      concepts (B, P, D)                    text embeddings of up to P concepts per image
+      concept_ids (B, P, L)                 their subword ids (to find the same phrase in two images)
+      concept_valid (B, P) bool             which of the P slots hold a concept
+    Similarity of image b and concept j = cosine of j with b's BEST-matching real token (max over
+    tokens). Image -> text: soft targets spread over the concepts the image contains; text -> image:
+    over the images containing that phrase (a phrase shared by two images is a positive for both,
+    so there are no false negatives). Shapes stay static (padded slots are masked), so it compiles.
+    """
+    B, P, D = concepts.shape
+    t = F.normalize(tokens.float(), dim=-1)                                 # (B, K, D)
+    c = F.normalize(concepts.float(), dim=-1).reshape(B * P, D)             # (M, D), M = B*P
+    sim = torch.einsum('bkd,md->bmk', t, c)                                 # (B, M, K)
+    sim = sim.masked_fill(~token_mask[:, None, :], -1.0).amax(-1)           # (B, M) best token
+    logits = logit_scale.exp().clamp(max=100) * sim                         # (B, M)
+    valid = concept_valid.reshape(B * P)                                    # (M,)
+    ids = concept_ids.reshape(B * P, -1)                                    # (M, L)
+    same = (ids[:, None, :] == ids[None, :, :]).all(-1) & valid[:, None] & valid[None, :]  # (M, M)
+    owner = torch.arange(B, device=tokens.device).repeat_interleave(P)      # (M,) image of slot j
+    pos = (F.one_hot(owner, B).T.float() @ same.float()).clamp(max=1)       # (B, M) b contains j
+    # image -> text: softmax over the batch's real concepts
+    lp = F.log_softmax(logits.masked_fill(~valid[None], -1e4), dim=1)
+    loss_i2t = -(pos / pos.sum(1, keepdim=True).clamp_min(1) * lp).sum(1).mean()
+    # text -> image: softmax over images, for each real concept
+    lp = F.log_softmax(logits, dim=0)
+    loss_t2i = -((pos / pos.sum(0, keepdim=True).clamp_min(1) * lp).sum(0) * valid).sum() / valid.sum().clamp_min(1)
+    return (loss_i2t + loss_t2i) / 2

@@ -1,0 +1,175 @@
+"""SeTok's parts on synthetic inputs: clustering, merger, compile, the contrastive loss."""
+import torch
+import torch.nn.functional as F
+
+from setok import (SeTok, SeTokConfig, TokenMerger, concept_contrastive_loss, density_peak_cluster,
+                   density_peak_cluster_reference, grid_labels, pos_embed_2d)
+
+
+def blobs(n_blobs, per=20, C=16, seed=0):
+    """n_blobs well-separated Gaussian blobs in C dims, points shuffled. -> x (N, C), truth (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_blobs, C, generator=g) * 10
+    truth = torch.arange(n_blobs).repeat_interleave(per)
+    x = centres[truth] + 0.3 * torch.randn(len(truth), C, generator=g)
+    perm = torch.randperm(len(truth), generator=g)
+    return x[perm], truth[perm]
+
+
+def same_partition(a, b):
+    return torch.equal(a[:, None] == a[None, :], b[:, None] == b[None, :])
+
+
+def test_blobs_are_recovered_exactly():
+    # a batch of images with 2, 3, 4, 5 blobs (padded to the same N by duplicating blob points)
+    for n in (2, 3, 4, 5):
+        x, truth = blobs(n, per=24, seed=n)
+        labels, num = density_peak_cluster(x[None], k=5, threshold=0.5, max_tokens=16)
+        assert num.item() == n
+        assert same_partition(labels[0], truth)
+    # batched: different blob counts in one batch (same N = 120 points each)
+    xs, truths = zip(*[blobs(n, per=120 // n, seed=10 + n) for n in (2, 3, 4, 5)])
+    labels, num = density_peak_cluster(torch.stack(xs), k=5, threshold=0.5)
+    assert num.tolist() == [2, 3, 4, 5]
+    for l, t in zip(labels, truths):
+        assert same_partition(l, t)
+
+
+def test_clustering_is_scale_free_and_deterministic():
+    x, _ = blobs(4, seed=3)
+    a = density_peak_cluster(x[None], threshold=0.5)
+    b = density_peak_cluster(1000 * x[None], threshold=0.5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # exact ties (duplicated points) are broken the same way every time
+    x = torch.cat([x, x])[None]
+    r1, r2 = density_peak_cluster(x), density_peak_cluster(x)
+    assert torch.equal(r1[0], r2[0])
+
+
+def test_batched_clustering_matches_looped_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 40, 8, generator=g)
+    for thr, k, lo, hi in [(0.1, 5, 1, 16), (0.3, 3, 2, 6), (0.05, 7, 1, 40), (0.9, 4, 3, 10)]:
+        labels, num = density_peak_cluster(x, k=k, threshold=thr, min_tokens=lo, max_tokens=hi)
+        for b in range(len(x)):
+            ref_labels, ref_n = density_peak_cluster_reference(x[b], k=k, threshold=thr, min_tokens=lo, max_tokens=hi)
+            assert num[b].item() == ref_n
+            assert torch.equal(labels[b], ref_labels)
+
+
+def test_every_patch_has_one_cluster_and_counts_are_bounded():
+    x = torch.randn(6, 64, 12)
+    for thr, lo, hi in [(0.0, 1, 16), (1e9, 3, 16), (0.1, 2, 5), (0.2, 1, 64)]:
+        labels, num = density_peak_cluster(x, threshold=thr, min_tokens=lo, max_tokens=hi)
+        assert labels.shape == (6, 64) and labels.dtype == torch.long
+        assert ((num >= lo) & (num <= hi)).all()
+        assert (labels < num[:, None]).all() and (labels >= 0).all()
+        for b in range(6):  # every cluster id in [0, num) is used
+            assert torch.equal(labels[b].unique(), torch.arange(num[b]))
+    assert (density_peak_cluster(x, threshold=0.0, max_tokens=16)[1] == 16).all()
+    assert (density_peak_cluster(x, threshold=1e9, min_tokens=3)[1] == 3).all()
+
+
+def blob_batch(counts=(2, 3, 4), N=36, C=32):
+    """A batch of 'images' whose patches form 2, 3, 4 ... blobs: different token counts per image."""
+    return torch.stack([blobs(n, per=N // n + 1, C=C, seed=n)[0][:N] for n in counts])
+
+
+def small_merger():
+    torch.manual_seed(0)
+    return TokenMerger(dim=32, n_head=4, out_dim=24, intra_depth=2, inter_depth=2).eval()
+
+
+def test_batched_merger_matches_looped_reference():
+    m = small_merger()
+    x = blob_batch()
+    labels, num = density_peak_cluster(x, threshold=0.5, max_tokens=8)
+    assert len(set(num.tolist())) > 1, "want different token counts in the batch"
+    pos = pos_embed_2d(6, 6, 32)
+    with torch.no_grad():
+        out, mask = m(x, pos, labels, num, 8)
+        ref = m.reference(x, pos, labels, num, 8)
+    assert torch.equal(mask.sum(1), num)
+    assert torch.allclose(out[mask], ref[mask], atol=1e-5)
+
+
+def test_intra_cluster_token_depends_only_on_its_own_patches():
+    m = small_merger()
+    x = blob_batch()
+    labels, num = density_peak_cluster(x, threshold=0.5, max_tokens=8)
+    pos = pos_embed_2d(6, 6, 32)
+    with torch.no_grad():
+        before = m.pool(x, pos, labels, 8)
+        y = x.clone()
+        y[labels == 1] += 5 * torch.randn_like(y[labels == 1])             # perturb cluster 1 only
+        after = m.pool(y, pos, labels, 8)
+    others = torch.arange(8) != 1
+    assert torch.allclose(before[:, others], after[:, others], atol=1e-6)
+    assert not torch.allclose(before[:, 1], after[:, 1])
+
+
+def tiny_setok(**kw):
+    cfg = SeTokConfig(image_size=32, patch_size=4, dim=32, depth=1, n_head=4, token_dim=24, intra_depth=1,
+                      inter_depth=1, max_tokens=8, cluster_threshold=0.5, **kw)
+    torch.manual_seed(0)
+    return SeTok(cfg).eval()
+
+
+def test_setok_shapes_and_baselines():
+    img = torch.rand(3, 3, 32, 32)
+    for tok, K in [('setok', 8), ('grid', 4), ('patch', 64)]:
+        m = tiny_setok(tokenizer=tok, grid_size=2)
+        tokens, mask, labels = m(img)
+        assert tokens.shape == (3, K, 24) and mask.shape == (3, K) and labels.shape == (3, 64)
+        assert (labels < mask.sum(1, keepdim=True)).all()
+    assert torch.equal(grid_labels(1, 4, 2)[0].view(4, 4), torch.tensor([[0, 0, 1, 1]] * 2 + [[2, 2, 3, 3]] * 2))
+
+
+def blocky(n, seed, size=32):
+    """A plain image with n flat coloured squares on a 4-px-aligned grid."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.full((3, size, size), 0.2)
+    for i in range(n):
+        r, c = 8 * (i // 2), 16 * (i % 2) + 4
+        img[:, r:r + 8, c:c + 8] = torch.rand(3, 1, 1, generator=g)
+    return img
+
+
+def test_compiled_setok_does_not_recompile_across_token_counts():
+    m = tiny_setok()
+    compiled = torch.compile(m, backend='eager', dynamic=False)
+    counts = set()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for s in range(4):
+            img = torch.stack([blocky(s + 1, s), blocky(2 * s + 1, s + 10)])  # different token counts
+            tokens, mask, labels = compiled(img)
+            counts.add(tuple(mask.sum(1).tolist()))
+            ref = m(img)
+            assert torch.allclose(tokens, ref[0], atol=1e-5)
+    assert len(counts) > 1, "the test needs batches with different token counts"
+
+
+def test_contrastive_loss_prefers_matching_tokens():
+    torch.manual_seed(0)
+    B, K, P, D = 4, 5, 2, 16
+    concepts = torch.randn(B, P, D)
+    ids = torch.arange(B * P).view(B, P, 1)
+    valid = torch.ones(B, P, dtype=torch.bool)
+    valid[0, 1] = False
+    mask = torch.ones(B, K, dtype=torch.bool)
+    scale = torch.tensor(3.0)
+    good = torch.randn(B, K, D)
+    good[:, :P] = concepts                                                   # each concept has its token
+    bad = torch.randn(B, K, D)
+    lg = concept_contrastive_loss(good, mask, concepts, ids, valid, scale)
+    lb = concept_contrastive_loss(bad, mask, concepts, ids, valid, scale)
+    assert lg < lb
+    # a concept's loss must not depend on the invalid slot's content
+    c2 = concepts.clone(); c2[0, 1] = torch.randn(D)
+    assert torch.allclose(lg, concept_contrastive_loss(good, mask, c2, ids, valid, scale))
+    # the same phrase in two images is a positive for both: swapping which image "owns" it changes nothing
+    ids2 = ids.clone(); ids2[1, 0] = ids2[2, 0]
+    c3 = concepts.clone(); c3[1, 0] = c3[2, 0]
+    g3 = good.clone(); g3[1, 0] = c3[1, 0]
+    loss = concept_contrastive_loss(g3, mask, c3, ids2, valid, scale)
+    assert torch.isfinite(loss)
