@@ -52,7 +52,9 @@ class Attention(nn.Module):
         assert dim % n_head == 0
         self.n_head = n_head
         self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(ctx_dim or dim, 2 * dim)
+        # no bias on keys/values: a key bias cancels in the softmax and a value bias passes straight
+        # into proj's bias, so both would be dead weights that Adam only fills with noise
+        self.kv = nn.Linear(ctx_dim or dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, ctx=None, mask=None, cache=None):

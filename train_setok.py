@@ -244,12 +244,25 @@ if __name__ == '__main__':
     out = os.path.join(HERE, out_dir) if not os.path.isabs(out_dir) else out_dir
     ckpt_path = os.path.join(out, 'ckpt.pt')
 
+    # ---- a checkpoint to resume from is checked first, before any data is loaded
+    scfg, dcfg = setok_config(config), detok_config(config)
+    ck = None
+    if init_from == 'resume' or eval_only:
+        ck = load_checkpoint(ckpt_path, kind='setok')
+        arch = lambda s, d: {**{k: v for k, v in s.items() if k in ARCH_KEYS}, **{f'dec_{k}': v for k, v in d.items()}}
+        mine, theirs = arch(asdict(scfg), asdict(dcfg)), arch(ck['setok_config'], ck['detok_config'])
+        if mine != theirs:
+            diff = ', '.join(f"{k}={theirs[k]} (here {mine[k]})" for k in mine if mine[k] != theirs.get(k))
+            die(f"{ckpt_path} has another model shape: {diff}; use the config it was trained with")
+    elif init_from != 'scratch':
+        die(f"init_from={init_from}: expected scratch or resume")
+
     # ---- data: the shapes world is prepared on first use (rank 0 only, the others wait)
     from data.loader import load_split
-    from data.shapes.prepare import ensure_world
+    from data.shapes.prepare import prepare
     world_dir = data_dir if os.path.isabs(data_dir) else os.path.join(HERE, data_dir)
-    if master:
-        ensure_world(world_dir, image_size=image_size)
+    if master and not os.path.exists(os.path.join(world_dir, 'meta.json')):
+        prepare(data_dir=world_dir, image_size=image_size)             # first run: make the shapes world
     if ddp:
         torch.distributed.barrier()
     import sentencepiece as spm
@@ -265,28 +278,19 @@ if __name__ == '__main__':
     concept_vocab = sorted({c for r in train['records'] for c in r['concepts']})
 
     # ---- model, optimiser, (resumed) state
-    scfg, dcfg = setok_config(config), detok_config(config)
     model = Tokenizer(scfg, dcfg, sp.get_piece_size(), config).to(dev)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
                             lr=learning_rate, betas=(beta1, beta2))
     step = 0
-    if init_from == 'resume' or eval_only:
-        ck = load_checkpoint(ckpt_path, kind='setok')
-        mine = {**{k: v for k, v in asdict(scfg).items() if k in ARCH_KEYS}, **asdict(dcfg)}
-        theirs = {**{k: v for k, v in ck['setok_config'].items() if k in ARCH_KEYS}, **ck['detok_config']}
-        if mine != theirs:
-            diff = ', '.join(f"{k}={theirs[k]} (here {mine[k]})" for k in mine if mine[k] != theirs.get(k))
-            die(f"{ckpt_path} has another model shape: {diff}; use the config it was trained with")
+    if ck is not None:
         model.load_state_dict(ck['model'])
         opt.load_state_dict(ck['optimizer'])
         step = ck['step']
         set_rng_state(ck['rng'])
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
-    elif init_from != 'scratch':
-        die(f"init_from={init_from}: expected scratch or resume")
     n_params = sum(p.numel() for p in model.setok.parameters())
     if master:
         print(f"SeTok {n_params / 1e6:.2f}M params, detok {sum(p.numel() for p in model.detok.parameters()) / 1e6:.2f}M, "
@@ -305,7 +309,7 @@ if __name__ == '__main__':
             print(f"eval step {step} | {fmt(m)}\nwrote {os.path.join(out, 'eval.png')}")
         sys.exit(0)
 
-    use_compile = compile == 'True' or compile is True or (compile == 'auto' and dev.startswith('cuda'))
+    use_compile = str(compile).lower() in ('true', '1', 'yes') or (compile == 'auto' and dev.startswith('cuda'))
     fwd = torch.compile(model) if use_compile else model
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP

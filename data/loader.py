@@ -32,7 +32,7 @@ def resolve_world(world_dir):
     for d in cands:
         if os.path.isdir(d):
             return d
-    die(f"world folder {world_dir} not found; make it with: python data/shapes/prepare.py out_dir={world_dir}")
+    die(f"world folder {world_dir} not found; make it with: python data/shapes/prepare.py data_dir={world_dir}")
 
 
 def _read_jsonl(path, what):

@@ -34,7 +34,7 @@ GRID = ('top left', 'top', 'top right', 'left', 'center', 'right', 'bottom left'
 # helpers written here, not taken from the generator
 
 def make(tmp, name, **kw):
-    return P.prepare(out_dir=str(tmp / name), workers=kw.pop('workers', 1), **kw)
+    return P.prepare(data_dir=str(tmp / name), workers=kw.pop('workers', 1), **kw)
 
 
 def hashes(root):
@@ -428,14 +428,3 @@ def test_cli_unknown_setting():
     assert len(lines) == 1 and 'nonsense' in lines[0]
 
 
-def test_cli_preset_out_dir(tmp_path):
-    """A preset's out_dir is the training run's folder; the world goes to its data_dir (or the default)."""
-    preset = tmp_path / 'p.py'
-    preset.write_text("out_dir = 'out/x'\nimage_size = 32\n")
-    with_data = tmp_path / 'q.py'
-    with_data.write_text("out_dir = 'out/y'\ndata_dir = 'data/shapes/w_q'\n")
-    f = P._world_dir_from_preset
-    assert f([f'config={preset}'], 'D') == 'D'
-    assert f(['--config', str(with_data)], 'D') == 'data/shapes/w_q'
-    assert f([f'config={with_data}', 'out_dir=mine'], 'D') is None      # the command line wins
-    assert f(['n_train=3'], 'D') is None

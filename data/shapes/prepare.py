@@ -2,10 +2,10 @@
 The shapes world: a procedurally generated image + text dataset, byte-identical for a given seed.
 
     python data/shapes/prepare.py                      # the default world in data/shapes/world
-    python data/shapes/prepare.py n_train=2000 out_dir=data/shapes/small
+    python data/shapes/prepare.py n_train=2000 data_dir=data/shapes/small
     python data/shapes/prepare.py --help               # the settings
 
-From Python:  prepare(**settings) -> out_dir,  ensure_world(out_dir, **settings) -> out_dir,
+From Python:  prepare(**settings) -> data_dir,  ensure_world(data_dir, **settings) -> data_dir,
               parse_caption(text) -> [(size, colour, shape), ...]   (for caption object F1)
 
 The default world (21k images) takes about a minute on 2 cores and ~160 MB (~330 MB on disk in 4 KB
@@ -21,7 +21,7 @@ computed from the same scene description, so it is exactly right.
 
 The on-disk format (real-data converters write the same thing)
 ---------------------------------------------------------------
-Everything lives under out_dir; every path stored in a file is relative to out_dir.
+Everything lives under data_dir; every path stored in a file is relative to data_dir.
 
   meta.json                 {"format": "nanosetok-world", "format_version": 1,
                              "settings": {seed, image_size, n_train, n_val, n_test, min_objects,
@@ -123,12 +123,12 @@ n_test = 500
 min_objects = 1
 max_objects = 6
 vocab_size = 256    # requested sentencepiece size; capped by what the world's text supports
-out_dir = 'data/shapes/world'   # relative paths are resolved against the repo root
+data_dir = 'data/shapes/world'   # relative paths are resolved against the repo root
 workers = 2         # processes for generation; the world is the same for any value (not in meta.json)
 # -----------------------------------------------------------------------------
 
 SETTINGS = ('seed', 'image_size', 'n_train', 'n_val', 'n_test', 'min_objects', 'max_objects',
-            'vocab_size', 'out_dir')
+            'vocab_size', 'data_dir')
 _FORMAT_VERSION = 1
 SPLITS = ('train', 'val', 'test')   # each split has its own seed stream: seed, split index, image index
 
@@ -726,7 +726,7 @@ def world_text(record, conv):
 # -----------------------------------------------------------------------------
 # tokenizer
 
-def train_tokenizer(sentences, out_dir, requested):
+def train_tokenizer(sentences, data_dir, requested):
     """Deterministic sentencepiece model on `sentences` (sorted here, so input order is fixed)."""
     import io
     import sentencepiece as spm
@@ -751,10 +751,10 @@ def train_tokenizer(sentences, out_dir, requested):
     else:
         die(f"could not train the tokenizer with vocab_size={requested}")
     model = buf.getvalue()
-    with open(os.path.join(out_dir, 'tokenizer.model'), 'wb') as f:
+    with open(os.path.join(data_dir, 'tokenizer.model'), 'wb') as f:
         f.write(model)
     sp = spm.SentencePieceProcessor(model_proto=model)
-    with open(os.path.join(out_dir, 'tokenizer.vocab'), 'w', encoding='utf-8') as f:
+    with open(os.path.join(data_dir, 'tokenizer.vocab'), 'w', encoding='utf-8') as f:
         for k in range(sp.get_piece_size()):
             f.write(f'{sp.id_to_piece(k)}\t{sp.get_score(k):g}\n')
     for k, s in enumerate(SPECIAL):
@@ -777,9 +777,9 @@ def _settings(overrides):
             die(f"unknown setting '{k}' for data/shapes/prepare.py; valid settings: {', '.join(SETTINGS)}")
         cfg[k] = v
     for k in SETTINGS:
-        if k == 'out_dir':
+        if k == 'data_dir':
             if not isinstance(cfg[k], str) or not cfg[k]:
-                die(f"out_dir={cfg[k]!r}: expected a folder path")
+                die(f"data_dir={cfg[k]!r}: expected a folder path")
         elif type(cfg[k]) is not int:
             die(f"{k}={cfg[k]!r}: expected an int")
     if cfg['image_size'] < 16:
@@ -794,7 +794,7 @@ def _settings(overrides):
 
 
 def meta_settings(cfg):
-    return {k: cfg[k] for k in SETTINGS if k != 'out_dir'}
+    return {k: cfg[k] for k in SETTINGS if k != 'data_dir'}
 
 
 def _save_png(arr, path):
@@ -825,13 +825,13 @@ def _remove_stale(out, split, n):
 
 
 def prepare(workers=None, **settings):
-    """Generate the world described by `settings` (defaults: this module's values); returns out_dir.
+    """Generate the world described by `settings` (defaults: this module's values); returns data_dir.
     workers: processes to use (default: the module's `workers`); it does not change the output."""
     workers = globals()['workers'] if workers is None else workers
     if type(workers) is not int or workers < 1:
         die(f"workers={workers!r}: expected an int >= 1")
     cfg = _settings(settings)
-    out = resolve(cfg['out_dir'])
+    out = resolve(cfg['data_dir'])
     S = cfg['image_size']
     meta_path = os.path.join(out, 'meta.json')
     if os.path.exists(meta_path):
@@ -899,11 +899,11 @@ def prepare(workers=None, **settings):
     return out
 
 
-def ensure_world(out_dir, workers=None, **settings):
-    """Prepare the world in out_dir unless it is already there (meta.json); returns out_dir
+def ensure_world(data_dir, workers=None, **settings):
+    """Prepare the world in data_dir unless it is already there (meta.json); returns data_dir
     (absolute). A world written with other settings is an error, never silently reused or rebuilt."""
-    cfg = _settings({**settings, 'out_dir': out_dir})
-    out = resolve(cfg['out_dir'])
+    cfg = _settings({**settings, 'data_dir': data_dir})
+    out = resolve(cfg['data_dir'])
     meta_path = os.path.join(out, 'meta.json')
     if not os.path.exists(meta_path):
         return prepare(workers=workers, **cfg)
@@ -915,30 +915,10 @@ def ensure_world(out_dir, workers=None, **settings):
     want = meta_settings(cfg)
     if have != want:
         diff = ', '.join(f"{k}={have.get(k)!r} (wanted {v!r})" for k, v in want.items() if have.get(k) != v)
-        die(f"the world in {out} was made with other settings: {diff}; delete that folder or pick another out_dir")
+        die(f"the world in {out} was made with other settings: {diff}; delete that folder or pick another data_dir")
     return out
 
 
-def _world_dir_from_preset(argv, default):
-    """A preset (config=NAME) describes a whole run: its out_dir is where *training* writes, and its
-    data_dir (if it has one) is the world. So, unless out_dir is on the command line, the world goes
-    to the last preset's data_dir, else to the default, never to the preset's out_dir."""
-    names, explicit = [], False
-    for k, a in enumerate(argv):
-        key, _, val = a.lstrip('-').partition('=')
-        key = key.replace('-', '_')
-        if key == 'out_dir':
-            explicit = True
-        elif key == 'config':
-            names.append(val if val else (argv[k + 1] if k + 1 < len(argv) else ''))
-    if explicit or not names:
-        return None
-    data_dirs = [load_preset(n).get('data_dir') for n in names if n]
-    return next((d for d in reversed(data_dirs) if isinstance(d, str) and d), default)
-
-
 if __name__ == '__main__':
-    _default_out = out_dir
     cfg = configure(globals(), script='data/shapes/prepare.py')
-    cfg['out_dir'] = _world_dir_from_preset(sys.argv[1:], _default_out) or cfg['out_dir']
     prepare(**cfg)

@@ -1,0 +1,82 @@
+"""train_setok.py on real (tiny) runs: the loss falls, resume is exact, 2-process DDP == 1 process,
+a non-finite loss stops the run and keeps the last good checkpoint, eval writes its panel."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['image_size=32', 'patch_size=4', 'dim=32', 'depth=1', 'n_head=4', 'token_dim=32', 'intra_depth=1',
+        'inter_depth=1', 'max_tokens=6', 'cluster_threshold=0.5', 'dec_patch_size=8', 'dec_dim=32', 'dec_depth=1',
+        'dec_n_head=4', 'text_dim=32', 'text_depth=1', 'eval_images=8', 'log_interval=1', 'warmup_iters=2',
+        'learning_rate=3e-3', 'threads=1']
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    from data.shapes.prepare import prepare
+    return prepare(data_dir=str(tmp_path_factory.mktemp('w') / 'world'), image_size=32, n_train=48, n_val=8, n_test=8,
+                   workers=1)
+
+
+def run(world, out, *args, torchrun=False, check=True):
+    cmd = [sys.executable, 'train_setok.py', *TINY, f'data_dir={world}', f'out_dir={out}', *args]
+    if torchrun:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517', *cmd[1:]]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def params(out):
+    return torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['model']
+
+
+def test_a_few_steps_lower_the_loss(world, tmp_path):
+    r = run(world, tmp_path / 'a', 'max_iters=30', 'eval_interval=30', 'batch_size=8')
+    losses = [float(l.split('loss=')[1].split(',')[0].rstrip(']')) for l in r.stderr.replace('\r', '\n').splitlines() if 'loss=' in l]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert os.path.exists(tmp_path / 'a' / 'eval.png')
+    assert 'mean best IoU' in r.stdout + r.stderr
+
+
+def test_resume_is_bit_identical(world, tmp_path):
+    common = ['batch_size=4', 'lr_decay_iters=8', 'eval_interval=4']
+    run(world, tmp_path / 'straight', 'max_iters=8', *common)
+    run(world, tmp_path / 'split', 'max_iters=4', *common)
+    run(world, tmp_path / 'split', 'max_iters=8', 'init_from=resume', *common)
+    a, b = params(tmp_path / 'straight'), params(tmp_path / 'split')
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_ddp_two_processes_match_one(world, tmp_path):
+    common = ['max_iters=3', 'eval_interval=3', 'lr_decay_iters=3']
+    run(world, tmp_path / 'one', 'batch_size=8', *common)
+    run(world, tmp_path / 'two', 'batch_size=4', *common, torchrun=True)
+    a, b = params(tmp_path / 'one'), params(tmp_path / 'two')
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(world, tmp_path):
+    out = tmp_path / 'nan'
+    run(world, out, 'max_iters=2', 'eval_interval=2', 'batch_size=4')
+    before = params(out)
+    r = run(world, out, 'max_iters=6', 'eval_interval=2', 'batch_size=4', 'init_from=resume', 'learning_rate=1e30',
+            check=False)
+    assert r.returncode == 1 and 'loss is' in r.stderr and 'Traceback' not in r.stderr
+    after = params(out)
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert all(torch.equal(before[k], after[k]) for k in before)                # the step-2 checkpoint is intact
+
+
+def test_bad_resume_and_shape_mismatch_are_one_line_errors(world, tmp_path):
+    r = run(world, tmp_path / 'none', 'init_from=resume', check=False)
+    assert r.returncode == 2 and 'not found' in r.stderr and r.stderr.count('\n') == 1
+    run(world, tmp_path / 'm', 'max_iters=1', 'eval_interval=1', 'batch_size=4')
+    r = run(world, tmp_path / 'm', 'eval_only=True', 'dim=64', check=False)
+    assert r.returncode == 2 and 'dim=32' in r.stderr and 'Traceback' not in r.stderr
