@@ -9,6 +9,7 @@ concept text encoder, with   loss = recon_weight * reconstruction + contrast_wei
 
 Every module-level value below is a setting, overridable as key=value on the command line.
 """
+import functools
 import math
 import os
 import sys
@@ -318,12 +319,17 @@ if __name__ == '__main__':
     # ---- data order: a fixed permutation per epoch from the seed, so a step number alone says which
     # images it sees (exact resume), and rank r takes its slice of the global batch (DDP == 1 process)
     N, global_batch = len(train_img), batch_size * world * grad_accum
+    @functools.lru_cache(maxsize=2)
+    def epoch_perm(e):
+        return torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1000 + e))
+
     def batch_indices(step, micro):
-        start = step * global_batch + (micro * world + rank) * batch_size
-        idx = torch.arange(start, start + batch_size)
-        epoch, pos = idx // N, idx % N
-        perms = {int(e): torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1000 + int(e))) for e in epoch.unique()}
-        return torch.stack([perms[int(e)][p] for e, p in zip(epoch, pos)])
+        idx = step * global_batch + (micro * world + rank) * batch_size + torch.arange(batch_size)
+        epoch, pos = idx // N, idx % N                                      # a batch spans <= 2 epochs
+        out = torch.empty_like(idx)
+        for e in epoch.unique().tolist():
+            out[epoch == e] = epoch_perm(e)[pos[epoch == e]]
+        return out
 
     total = lr_decay_iters or max_iters
     bar = tqdm(total=max_iters, initial=step, disable=not master, desc='train_setok', dynamic_ncols=True)
