@@ -22,3 +22,18 @@ learning_rate = 3e-4
 max_iters = 100000
 warmup_iters = 2000
 eval_interval = 2000
+# SETOKIM (train_setokim.py): GPT-2-medium shapes (24 layers, 1024 wide, 16 heads)
+llm_n_layer = 24
+llm_n_head = 16
+llm_n_embd = 1024
+block_size = 1280             # tokenizer=patch: 576 tokens per 384px image, two in an edit
+mask_dim = 256
+mask_depth = 2
+mask_n_head = 8
+llm_batch_size = 32
+llm_learning_rate = 3e-4
+llm_warmup_iters = 2000
+stage1_max_iters = 20000
+stage2_max_iters = 60000
+llm_eval_interval = 5000
+eval_per_task = 500

@@ -13,10 +13,29 @@ token_dim = 128
 intra_depth = 1
 inter_depth = 2
 max_tokens = 12
+cluster_k = 3
+cluster_pos_weight = 0.5
+cluster_threshold = 0.8
 dec_patch_size = 8
 dec_dim = 128
 dec_depth = 3
 text_dim = 64
 batch_size = 32
-max_iters = 3000
-eval_interval = 500
+max_iters = 1300
+eval_interval = 250
+# SETOKIM (train_setokim.py): a 4-layer, 192-wide GPT; stage 1 + stage 2 in about 30 minutes on 2 cores
+# (plus ~6 minutes, once, for SeTok's tokens of all 41k images and edit targets)
+llm_n_layer = 4
+llm_n_head = 4
+llm_n_embd = 192
+block_size = 640              # tokenizer=patch needs ~560 (256 tokens per image, two in an edit)
+mask_dim = 128
+mask_depth = 2
+mask_n_head = 4
+llm_batch_size = 32
+llm_learning_rate = 1e-3
+llm_warmup_iters = 100
+stage1_max_iters = 1000
+stage2_max_iters = 3000
+llm_eval_interval = 1000
+eval_per_task = 200

@@ -1,0 +1,514 @@
+"""
+What SeTok (and SETOKIM) make of any image.
+
+    python sample.py --image photo.jpg                            # samples/tokens.png, samples/recon.png
+    python sample.py config=small --image a.jpg b.png --out runs/ab   # a_tokens.png, a_recon.png, b_...
+    python sample.py config=small --image some/folder             # every image in it, sorted by name
+    python sample.py --image x.png --setok_ckpt out/run1/ckpt.pt  # any SeTok checkpoint
+    python sample.py config=small --image x.png threshold=0.4     # re-cluster: more tokens
+    python sample.py config=small --image x.png --prompt "How many red objects are there?"
+    python sample.py config=small --image x.png --refer "the red circle"            # mask.png
+    python sample.py config=small --generate "a large red circle in the center"     # generated.png
+    python sample.py config=small --image x.png --edit "Make the red circle blue."  # edited.png
+
+What it writes into the folder `out` (created if needed; use one folder per run), printing each path:
+  tokens.png     the image, upscaled `scale` times (default: to about 256 px; nearest neighbour, so
+                 every model pixel stays visible), with one colour per SeTok token blended over the
+                 patches of its cluster, the cluster boundaries drawn in white and the number of
+                 tokens written on it.
+  recon.png      the input beside its reconstruction by the detokenizer from those tokens alone
+                 (with the PSNR of the reconstruction).
+  With a SETOKIM checkpoint (`ckpt`; by default train_setokim.py's <out_dir>/setokim/stage2.pt, or
+  stage1.pt, used when it exists and was trained on the SeTok checkpoint in use; ckpt=none: never):
+    the answer to --prompt on stdout, as 'Q: ...' and 'A: ...' lines (with neither --prompt nor
+                   --refer/--edit, the model is asked "Describe the image."),
+    mask.png       --refer "the red circle": the predicted mask of the referred object over the image
+    edited.png     --edit "make the circle blue": the input beside the edited image
+    generated.png  --generate "a caption": an image written by SETOKIM (no --image needed)
+  With one image the names are exactly these; with several, each is prefixed by the image's file
+  stem (a_tokens.png, b_tokens.png, ...; two inputs with the same stem get their extension too).
+  Pictures have a 2-pixel dark frame: tokens.png is (S*scale+4) pixels square, recon.png and
+  edited.png are (2*S*scale+6) x (S*scale+4), where S is the model's image_size.
+
+How any image becomes the model's input (load_image)
+  * formats: whatever PIL reads (JPEG, PNG, WebP, BMP, GIF, TIFF, ...); a folder given to --image
+    means every file in it with one of the extensions in IMAGE_EXTS (not recursive, hidden files
+    skipped), sorted by name. An animated GIF/WebP/PNG contributes its first frame.
+  * orientation: the EXIF orientation tag is applied first (a phone photo taken in portrait comes
+    out upright, as every image viewer shows it).
+  * colour: everything becomes 8-bit RGB. Greyscale is repeated on the three channels; palette
+    images are looked up; 16-bit images ('I;16' PNGs, 'I' 32-bit integers) are scaled to 8 bits
+    (value / 257; an 'I' image whose values all fit in 0..255 is taken as 8-bit); float ('F')
+    images are taken as [0, 1] when their maximum is <= 1, else as [0, 255]; CMYK and YCbCr are
+    converted by PIL. Transparency (RGBA, LA, palette with a transparent index) is composited
+    on WHITE, the way a browser or an image viewer shows such a picture on a page.
+  * size and aspect ratio: the largest centred square is cropped and resized (bicubic, antialiased
+    when shrinking) to the model's image_size. This is the same as "resize the shorter side to
+    image_size, then centre-crop": a 640x480 photo loses 80 columns on each side; a very wide
+    panorama keeps only its middle; a tiny 3x5 image is upscaled (it will look blurry).
+  * bad files (missing, empty, truncated, not an image) are a one-line error (exit code 2), never a
+    traceback: load_image raises ImageError (a ValueError) and the command line turns it into die().
+
+Settings are module-level values (override with key=value or --key value; config=NAME loads a
+preset, which also sets out_dir, so the default checkpoints are the preset's). The model-shape
+settings (image_size, dim, ...) are 0 by default, meaning "whatever the checkpoint says"; a preset
+sets them, and a checkpoint of another shape is then refused with a line that names the difference.
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+from common import HERE as _HERE
+from common import cluster_overlay, configure, die, load_checkpoint, pick_device, to_uint8
+
+# -----------------------------------------------------------------------------
+# settings
+image = []                 # image files and/or folders: --image a.jpg b.png photos/
+out = 'samples'            # output folder (one per run)
+out_dir = 'out/setok'      # where the training scripts wrote their checkpoints (config=small: out/small)
+setok_ckpt = ''            # SeTok checkpoint; '' = <out_dir>/ckpt.pt
+ckpt = ''                  # SETOKIM checkpoint; '' = <out_dir>/setokim/stage2.pt (or stage1.pt) if it exists;
+                           # 'none' = no SETOKIM
+prompt = ''                # a question about the image for SETOKIM; '' = describe the image
+refer = ''                 # a referring expression -> mask.png
+generate = ''              # a caption -> generated.png
+edit = ''                  # an edit instruction -> edited.png
+batch_size = 16            # images per SeTok forward pass
+scale = 0                  # upscaling of the pictures; 0 = enough for about 256 pixels
+threshold = -1.0           # override the checkpoint's cluster_threshold (lower: more tokens); < 0 keeps it
+device = 'auto'            # auto | cpu | cuda | cuda:1 | mps
+dtype = 'auto'             # auto | float32 | bfloat16 | float16
+threads = 0                # CPU threads (0: torch's default)
+seed = 1337
+temperature = 0.0          # SETOKIM sampling: 0 = greedy (the most likely answer)
+top_k = 0                  # SETOKIM sampling: keep the k most likely tokens (0 = all)
+max_new_tokens = 64        # SETOKIM: the longest answer, in tokens
+# model shape, checked against the checkpoints; 0 = whatever the checkpoint says (a preset sets them)
+image_size = 0
+patch_size = 0
+dim = 0
+depth = 0
+n_head = 0
+token_dim = 0
+intra_depth = 0
+inter_depth = 0
+dec_patch_size = 0
+dec_dim = 0
+dec_depth = 0
+dec_n_head = 0
+llm_n_layer = 0            # the SETOKIM shape (train_setokim.py's names)
+llm_n_head = 0
+llm_n_embd = 0
+block_size = 0
+mask_dim = 0
+mask_depth = 0
+mask_n_head = 0
+# -----------------------------------------------------------------------------
+
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
+ARCH_KEYS = ('image_size', 'patch_size', 'dim', 'depth', 'n_head', 'token_dim', 'intra_depth', 'inter_depth')
+DEC_KEYS = ('patch_size', 'dim', 'depth', 'n_head')           # DetokConfig fields, dec_ prefixed here
+LLM_KEYS = {'llm_n_layer': 'n_layer', 'llm_n_head': 'n_head', 'llm_n_embd': 'n_embd', 'block_size': 'block_size',
+            'mask_dim': 'mask_dim', 'mask_depth': 'mask_depth', 'mask_n_head': 'mask_n_head'}   # -> GPTConfig
+SETOKIM_RUN = ('setokim/stage2.pt', 'setokim/stage1.pt')   # what train_setokim.py writes into out_dir
+
+
+# -----------------------------------------------------------------------------
+# images in: any file a user may have -> (3, size, size) float tensor in [0, 1]
+
+class ImageError(ValueError):
+    """An input image that cannot be used; the message names the file and says why."""
+
+
+def to_rgb(im, background=(255, 255, 255)):
+    """Any PIL image -> 8-bit RGB. High bit depths are scaled (not clipped), transparency is
+    composited on `background` (white)."""
+    mode = im.mode
+    if mode.startswith('I;16') or mode in ('I', 'F'):                 # 16/32-bit integer or float
+        a = np.asarray(im).astype(np.float64)
+        if mode.startswith('I;16') or (mode == 'I' and a.max(initial=0) > 255):
+            a = a / 257.0                                              # 65535 -> 255
+        elif mode == 'F' and a.max(initial=0) <= 1.0:
+            a = a * 255.0                                              # a [0, 1] float image
+        im = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8))   # mode 'L'
+    if im.mode == 'P':
+        im = im.convert('RGBA')                  # the palette, and its transparent index if it has one
+    elif im.mode in ('LA', 'La', 'PA', 'RGBa', 'RGBX'):
+        im = im.convert('RGBA')
+    if im.mode == 'RGBA':
+        bg = Image.new('RGBA', im.size, tuple(background) + (255,))
+        im = Image.alpha_composite(bg, im)
+    return im.convert('RGB')                     # L, 1, CMYK, YCbCr, ... -> RGB
+
+
+def load_image(path, size):
+    """An image file -> (3, size, size) float tensor in [0, 1]: EXIF orientation applied, converted
+    to 8-bit RGB (transparency on white), the centred square cropped and resized to size x size.
+    Raises ImageError with a one-line message for anything that is not a usable image."""
+    if not os.path.exists(path):
+        raise ImageError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ImageError(f"{path} is a folder, not an image")
+    if os.path.getsize(path) == 0:
+        raise ImageError(f"{path} is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.draft(im.mode, (size, size))      # JPEG: decode at 1/2..1/8 scale when much larger (still >= size)
+            im.load()                            # decode now, so a truncated file fails here
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:                    # a broken EXIF block: keep the pixels as stored
+                pass
+            try:
+                im = to_rgb(im)
+            except (ValueError, OSError, TypeError) as e:
+                raise ImageError(f"{path}: cannot convert its colour mode {im.mode} to RGB ({e})") from None
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{path} is not an image file PIL can read (JPEG, PNG, WebP, BMP, GIF, TIFF, ...)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path} is too large to open safely ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as e:
+        raise ImageError(f"{path} is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    w, h = im.size
+    s = min(w, h)                                # the largest centred square (cropped first, so that the
+    left, top = (w - s) // 2, (h - s) // 2       # resampling filter sees nothing outside it) ...
+    im = im.crop((left, top, left + s, top + s))
+    if s != size:
+        im = im.resize((size, size), Image.Resampling.BICUBIC)   # ... resized to size x size
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float() / 255   # (3, size, size)
+
+
+def expand_images(paths):
+    """--image values -> a list of image files: folders become their image files, sorted by name.
+    Dies on a path that does not exist or a folder without images."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(f for f in os.listdir(p) if not f.startswith('.') and f.lower().endswith(IMAGE_EXTS)
+                           and os.path.isfile(os.path.join(p, f)))
+            if not found:
+                die(f"{p} is a folder with no images in it (looked for {' '.join(IMAGE_EXTS)})")
+            files += [os.path.join(p, f) for f in found]
+        elif os.path.exists(p):
+            files.append(p)
+        else:
+            die(f"{p}: no such file or folder")
+    return files
+
+
+def output_names(files):
+    """A prefix for each input's output files: '' for a single image, else 'stem_' (the extension is
+    added for inputs that share a stem, and a counter if they still collide)."""
+    if len(files) == 1:
+        return ['']
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+    names = [os.path.basename(f).replace('.', '_') if stems.count(s) > 1 else s for f, s in zip(files, stems)]
+    names = [f'{i:04d}_{n}' if names.count(n) > 1 else n for i, n in enumerate(names)]
+    return [n + '_' for n in names]
+
+
+# -----------------------------------------------------------------------------
+# pictures out
+
+def _font(width):
+    try:
+        return ImageFont.load_default(size=max(10, width // 22))
+    except TypeError:                            # an old PIL without a scalable default font
+        return ImageFont.load_default()
+
+
+def _wrap(text, font, width):
+    """Greedy word wrap of text into lines no wider than width pixels."""
+    lines = []
+    for para in text.splitlines() or ['']:
+        line = ''
+        for word in para.split(' '):
+            cand = f'{line} {word}'.strip()
+            if line and font.getlength(cand) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = cand
+        lines.append(line)
+    return '\n'.join(lines)
+
+
+def save_strip(pictures, texts, path, pad=2):
+    """Save equally sized uint8 pictures (H, W, 3) side by side in a dark frame of `pad` pixels, each
+    with its text in the top-left corner (white, outlined in black: readable on any colour)."""
+    h, w = pictures[0].shape[:2]
+    canvas = Image.new('RGB', (len(pictures) * (w + pad) + pad, h + 2 * pad), (32, 32, 32))
+    draw, font = ImageDraw.Draw(canvas), _font(w)
+    for j, (pic, text) in enumerate(zip(pictures, texts)):
+        x = pad + j * (w + pad)
+        canvas.paste(Image.fromarray(pic), (x, pad))
+        if text:
+            draw.multiline_text((x + 4, pad + 3), _wrap(text, font, w - 8), font=font, fill=(255, 255, 255),
+                                stroke_width=2, stroke_fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+def mask_overlay(img, mask, scale, colour=(255, 40, 40), alpha=0.5):
+    """The image with a (H, W) mask in [0, 1] blended over it in `colour`, its outline drawn white."""
+    base = to_uint8(img, scale).astype(np.float32)
+    m = mask.detach().float().cpu().numpy().repeat(scale, 0).repeat(scale, 1)
+    out = base * (1 - alpha * m[..., None]) + np.array(colour, np.float32) * alpha * m[..., None]
+    b = m > 0.5
+    edge = np.zeros_like(b)
+    edge[:, :-1] |= b[:, :-1] != b[:, 1:]
+    edge[:-1, :] |= b[:-1, :] != b[1:, :]
+    out[edge] = 255
+    return out.round().astype(np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def resolve(path):
+    """A relative path is taken from the current folder, else from the repo root."""
+    if os.path.isabs(path) or os.path.exists(path) or not os.path.exists(os.path.join(_HERE, path)):
+        return path
+    return os.path.join(_HERE, path)
+
+
+def same_file(a, b):
+    return os.path.realpath(resolve(a)) == os.path.realpath(resolve(b))
+
+
+def weights_error(e):
+    """A short one-line account of why a state dict or config did not load."""
+    msg = ' '.join(str(e).split())
+    if isinstance(e, KeyError):
+        return f"missing entry {msg}"
+    if isinstance(e, RuntimeError) and 'state_dict' in msg:
+        msg = msg.split(':', 1)[-1].strip()           # drop "Error(s) in loading state_dict for X:"
+    return msg if len(msg) <= 240 else msg[:240] + ' ...'
+
+
+def check_shape(path, setok, detok, settings, gpt_cfg=None):
+    """Die if a model's shape differs from the (non-zero) shape settings of the preset."""
+    theirs = {**{k: getattr(setok.cfg, k) for k in ARCH_KEYS}, **{f'dec_{k}': getattr(detok.cfg, k) for k in DEC_KEYS}}
+    if gpt_cfg is not None:
+        theirs.update({k: getattr(gpt_cfg, v) for k, v in LLM_KEYS.items()})
+    diff = [f"{k}={v} (config: {settings[k]})" for k, v in theirs.items() if settings[k] and settings[k] != v]
+    if diff:
+        die(f"{path} is from another preset: it has {', '.join(diff)}; pass the config it was trained with, "
+            f"or no config")
+
+
+def load_models(settings, dev, wants_llm):
+    """-> (setok, detok, llm) where llm is None or (SETOKIM model, text tokenizer, checkpoint dict).
+    A SETOKIM checkpoint names the SeTok checkpoint it was trained on, and that SeTok is used: the LLM
+    only understands the tokens of its own tokenizer."""
+    setok_path = resolve(settings['setok_ckpt'] or os.path.join(settings['out_dir'], 'ckpt.pt'))
+    runs = [resolve(os.path.join(settings['out_dir'], r)) for r in SETOKIM_RUN]
+    llm_path = resolve(settings['ckpt']) if settings['ckpt'] else next((r for r in runs if os.path.exists(r)), runs[0])
+    if wants_llm and settings['ckpt'].lower() == 'none':
+        modes = ', '.join(f'--{k}' for k in ('prompt', 'refer', 'generate', 'edit') if settings[k])
+        die(f"{modes} needs a SETOKIM checkpoint, but ckpt=none")
+    explicit = wants_llm or (settings['ckpt'] and settings['ckpt'].lower() != 'none')
+    use_llm = explicit or (not settings['ckpt'] and os.path.exists(llm_path))
+    llm = None
+    if use_llm:
+        import setokim
+        ck = load_checkpoint(llm_path, kind='setokim', what='SETOKIM checkpoint')   # kind checked first
+        trained_on = ck.get('setok_ckpt', '')
+        if settings['setok_ckpt'] and trained_on and not same_file(setok_path, trained_on):
+            if explicit:
+                die(f"{llm_path} was trained on the SeTok checkpoint {trained_on}, not setok_ckpt={settings['setok_ckpt']}; "
+                    f"leave setok_ckpt out (the SETOKIM checkpoint brings its own)")
+            print(f"note: not using the SETOKIM checkpoint {llm_path}: it was trained on another SeTok "
+                  f"checkpoint ({trained_on}); pass ckpt=... to use it", flush=True)
+        else:
+            try:
+                model, tok, setok, detok, ck = setokim.load_setokim(llm_path, dev)
+            except (KeyError, RuntimeError, TypeError, AttributeError) as e:
+                die(f"{llm_path} (or the SeTok checkpoint it was trained on) does not fit this version of the code "
+                    f"({weights_error(e)}); it was probably written by an older version: retrain it")
+            setok_path, llm = trained_on or setok_path, (model, tok, ck)
+    if llm is None:
+        from detok import load_setok
+        try:
+            setok, detok, _ = load_setok(setok_path, dev)
+        except (KeyError, RuntimeError, TypeError) as e:
+            die(f"{setok_path} does not fit this version of the code ({weights_error(e)}); it was probably written "
+                f"by an older train_setok.py: retrain it")
+    check_shape(llm_path if llm else setok_path, setok, detok, settings, llm[0].cfg if llm else None)
+    if settings['threshold'] >= 0:
+        setok.cfg.cluster_threshold = settings['threshold']         # read at every forward: more/fewer tokens
+    return setok, detok, llm
+
+
+# -----------------------------------------------------------------------------
+# SeTok on every image
+
+@torch.no_grad()
+def tokenize_images(files, prefixes, setok, detok, settings, ctx, dev):
+    """Run the images through SeTok + detokenizer in batches of batch_size; write tokens.png and
+    recon.png for each. Yields (file, prefix, img (3,S,S), tokens (K,D), token_mask (K,), labels (N,))."""
+    from detok import psnr
+    S, sc, bs = setok.cfg.image_size, settings['scale'], max(1, settings['batch_size'])
+    for i in range(0, len(files), bs):
+        batch = []
+        for f in files[i:i + bs]:
+            try:
+                batch.append(load_image(f, S))
+            except ImageError as e:
+                die(str(e))
+        img = torch.stack(batch).to(dev)                                   # (B, 3, S, S)
+        with ctx:
+            tokens, token_mask, labels = setok(img)                        # (B, K, D), (B, K), (B, N)
+            recon = detok(tokens, token_mask).float().clamp(0, 1)          # (B, 3, S, S)
+        db = psnr(recon, img)
+        for j, (f, pre) in enumerate(zip(files[i:i + bs], prefixes[i:i + bs])):
+            n = int(token_mask[j].sum())
+            print(f"{f}: {n} tokens, reconstruction {db[j]:.1f} dB PSNR", flush=True)
+            save_strip([cluster_overlay(img[j], labels[j], sc)], [f"{n} token{'s' * (n != 1)}"],
+                       os.path.join(settings['out'], f'{pre}tokens.png'))
+            save_strip([to_uint8(img[j], sc), to_uint8(recon[j], sc)], ['input', f'reconstruction {db[j]:.1f} dB'],
+                       os.path.join(settings['out'], f'{pre}recon.png'))
+            yield f, pre, img[j], tokens[j].float(), token_mask[j], labels[j]
+
+
+# -----------------------------------------------------------------------------
+# SETOKIM: a conversation in the training template, the model continues it. See setokim.py:
+#   [USER] [Img] v_1 .. v_K [/Img] <text> [ASSISTANT]   then the answer, or a forced [SEG] / [Img]
+
+def sentence(text, end='.'):
+    """'make the circle blue' -> 'Make the circle blue.' (the world's instructions are capitalised
+    and punctuated; the tiny text tokenizer sees them that way)."""
+    text = ' '.join(text.split())
+    text = text[:1].upper() + text[1:]
+    return text if not end or text[-1:] in '.?!' else text + end
+
+
+class Conversation:
+    """One prompt for SETOKIM -> the batch dict setokim.py's generate/segment take (batch of 1)."""
+
+    def __init__(self, llm, setok, settings, dev):
+        self.model, self.tok, _ = llm
+        self.setok, self.settings, self.dev = setok, settings, dev
+        self.vis_id = self.model.cfg.vis_id
+
+    def image_tokens(self, tokens, token_mask, labels):
+        """One image's SeTok output -> the same in reading order (the order SETOKIM was trained on),
+        batch of 1: tokens (1,K,D), token_mask (1,K), labels (1,N)."""
+        from setokim import reading_order
+        return reading_order(tokens[None], token_mask[None], labels[None].long(), self.setok.grid)
+
+    def prompt(self, text, image=None, extra=()):
+        """text: the user's turn; image: (tokens (1,K,D), token_mask (1,K)) in reading order or None;
+        extra: ids forced after [ASSISTANT] ([SEG] to segment, [Img] to write an image)."""
+        from setokim import encode_conversation
+        k = int(image[1].sum()) if image is not None else 0
+        value = f'<image>\n{text}' if image is not None else text
+        ids, ref, _, _ = encode_conversation(self.tok, [{'from': 'human', 'value': value}], lambda out: (0, k),
+                                             self.vis_id)
+        ids = ids + [self.tok.assistant] + list(extra)
+        ref = ref + [-1] * (1 + len(extra))
+        if len(ids) >= self.model.cfg.block_size:
+            die(f"the prompt is {len(ids)} tokens long, but this SETOKIM reads at most "
+                f"{self.model.cfg.block_size}; shorten it")
+        idx = torch.tensor([ids], device=self.dev)
+        vis = image[0][image[1]].float() if image is not None else torch.zeros(0, self.model.cfg.token_dim)
+        return {'idx': idx, 'real': torch.ones_like(idx, dtype=torch.bool),
+                'vis_mask': torch.tensor([ref], device=self.dev) >= 0, 'vis': vis.to(self.dev)}
+
+    def generate(self, b, new_tokens):
+        s = self.settings
+        new_tokens = min(new_tokens, self.model.cfg.block_size - b['idx'].shape[1])
+        return self.model.generate(b, new_tokens, temperature=s['temperature'], top_k=s['top_k'] or None,
+                                   max_image_tokens=self.setok.max_tokens)
+
+    def answer(self, text, image):
+        ids, _ = self.generate(self.prompt(text, image), self.settings['max_new_tokens'])
+        return self.tok.decode(ids[0].tolist())
+
+    def write_image(self, text, image, detok):
+        """Generate an image after a forced [Img] -> (3, S, S) in [0, 1] and its number of tokens."""
+        from setokim import visual_tokens
+        K = self.setok.max_tokens
+        ids, vis = self.generate(self.prompt(text, image, extra=[self.tok.img]), max(self.settings['max_new_tokens'], K + 2))
+        tokens, token_mask = visual_tokens(ids, vis, self.vis_id, K)
+        if not token_mask.any():                                            # cannot happen: >= 1 after [Img]
+            die("SETOKIM wrote no visual token")
+        return detok(tokens, token_mask)[0].float().clamp(0, 1), int(token_mask.sum())
+
+    def segment(self, text, image, labels):
+        """Mask probabilities (H, W) of the object the text refers to."""
+        b = self.prompt(text, image, extra=[self.tok.seg])
+        return torch.sigmoid(self.model.segment(b, image[0], image[1], labels)[0].float())
+
+
+@torch.no_grad()
+def setokim_on_image(conv, detok, f, pre, img, tokens, token_mask, labels, settings, ctx):
+    """The SETOKIM modes that take an image: answer (--prompt, or describe), --refer, --edit."""
+    sc, out = settings['scale'], settings['out']
+    t, m, lab = conv.image_tokens(tokens, token_mask, labels)
+    with ctx:
+        q = sentence(settings['prompt'], end='') if settings['prompt'] else 'Describe the image.'
+        if settings['prompt'] or not (settings['refer'] or settings['edit']):
+            print(f"Q: {q}\nA: {conv.answer(q, (t, m))}", flush=True)
+        if settings['refer']:
+            expr = ' '.join(settings['refer'].split()).rstrip('.')
+            text = sentence(expr if expr.lower().startswith('segment') else f'Segment {expr}')
+            mask = conv.segment(text, (t, m), lab)
+            if mask.shape[-1] != img.shape[-1]:
+                mask = torch.nn.functional.interpolate(mask[None, None], size=img.shape[-2:], mode='bilinear')[0, 0]
+            print(f"{text} -> {100 * float((mask > 0.5).float().mean()):.1f}% of the image", flush=True)
+            save_strip([mask_overlay(img, (mask > 0.5).float(), sc)], [text], os.path.join(out, f'{pre}mask.png'))
+        if settings['edit']:
+            text = sentence(settings['edit'])
+            edited, n = conv.write_image(text, (t, m), detok)
+            save_strip([to_uint8(img, sc), to_uint8(edited, sc)], ['input', f'{text} ({n} tokens)'],
+                       os.path.join(out, f'{pre}edited.png'))
+
+
+@torch.no_grad()
+def setokim_generate(conv, detok, settings, ctx):
+    cap = ' '.join(settings['generate'].split())
+    text = cap if cap.lower().startswith('generate an image') else f'Generate an image: {cap}'
+    with ctx:
+        image, n = conv.write_image(text, None, detok)
+    save_strip([to_uint8(image, settings['scale'])], [f'{cap} ({n} tokens)'],
+               os.path.join(settings['out'], 'generated.png'))
+
+
+# -----------------------------------------------------------------------------
+
+def main(settings):
+    dev, _, ctx = pick_device(settings['device'], settings['dtype'])
+    if settings['threads']:
+        torch.set_num_threads(settings['threads'])
+    torch.manual_seed(settings['seed'])
+    files = expand_images(settings['image'])
+    for mode in ('prompt', 'refer', 'edit'):
+        if settings[mode] and not files:
+            die(f"--{mode} needs an image: pass --image FILE")
+    if not files and not settings['generate']:
+        die("nothing to do: pass --image FILE [FILE ...] (files or folders), or --generate 'a caption'")
+    wants_llm = any(settings[k] for k in ('prompt', 'refer', 'generate', 'edit'))
+    setok, detok, llm = load_models(settings, dev, wants_llm)
+    if settings['scale'] <= 0:
+        settings['scale'] = max(1, -(-256 // setok.cfg.image_size))         # ceil(256 / S)
+    conv = Conversation(llm, setok, settings, dev) if llm is not None else None
+    for f, pre, img, tokens, token_mask, labels in tokenize_images(files, output_names(files), setok, detok,
+                                                                  settings, ctx, dev):
+        if conv is not None:
+            setokim_on_image(conv, detok, f, pre, img, tokens, token_mask, labels, settings, ctx)
+    if settings['generate']:
+        setokim_generate(conv, detok, settings, ctx)
+
+
+if __name__ == '__main__':
+    import signal
+    if hasattr(signal, 'SIGPIPE'):                  # `python sample.py ... | head`: stop quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    main(configure(globals()))

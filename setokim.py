@@ -1,0 +1,600 @@
+"""
+SETOKIM: a GPT that reads AND writes SeTok's visual tokens, and a mask decoder for referring
+segmentation (section 4 of the paper). Read this file top to bottom; it is the tutorial.
+
+Every conversation becomes ONE token sequence, text and images interleaved (LLaVA's template with
+the world's special tokens). K, the number of tokens of an image, is that image's own SeTok count:
+
+    [USER] [Img] v_1 .. v_K [/Img] How many red objects are there? [ASSISTANT] 2 [eos]
+    [USER] Generate an image: a large red circle at the top left [ASSISTANT] [Img] v_1 .. v_K [/Img] [eos]
+    [USER] [Img] v_1 .. v_K [/Img] Make the red circle blue. [ASSISTANT] [Img] w_1 .. w_J [/Img] [eos]
+    [USER] [Img] v_1 .. v_K [/Img] Segment the small green triangle. [ASSISTANT] [SEG] [eos]
+                                                                     '------- the answer: the only
+                                                                              positions with a loss
+  * reading:  each visual token v_k (width D) goes through the input projector (MLP D -> C) and is
+              scattered into the embedded sequence at its slot (a boolean mask, no loop);
+  * writing:  inside an answer, after [Img], the hidden state at each position predicts the NEXT
+              visual token through the output projector (MLP C -> D), trained by regression (MSE +
+              cosine) against SeTok's tokens of the target image. At the same positions the LM head
+              predicts VIS, an extra vocabulary row meaning "a visual token follows", and [/Img] after
+              the last one: the model decides how many tokens its image gets. detok.py renders them;
+  * segmenting: the hidden state at the [SEG] token queries the input image's tokens (MaskDecoder);
+              every token gets a logit and every patch the logit of the token it belongs to: SeTok's
+              labels say which (a gather), then upsampling to pixels.
+
+    loss = ce_weight * text CE (answers only) + reg_weight * (MSE + cos_weight * (1 - cos))
+         + mask_weight * (BCE + dice_weight * dice)          each sample uses the terms its data has
+
+Sections: 1) TextTokenizer  2) GPTConfig, GPT  3) sequences: SeTok tokens in reading order,
+conversations -> packed arrays -> padded batches  4) MaskDecoder  5) SETOKIM: embedding, loss,
+generation with a KV cache, segmentation  6) loading a trained model (load_setokim).
+"""
+import itertools
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from setok import MLP, Block, pos_embed_2d
+
+# -----------------------------------------------------------------------------
+# 1) The text tokenizer: one interface over two backends.
+#
+# sentencepiece: the shapes world's tokenizer.model (ids: unk 0, bos 1, eos 2, pad 3, then the special
+#   pieces [Img] [/Img] [SEG] [USER] [ASSISTANT] = 4..8, defined when the model was trained).
+# tiktoken:      'tiktoken:gpt2' (or an Encoding object) for real text. GPT-2's BPE has no such
+#   pieces, so they are appended after its vocabulary, followed by a pad id; eos is <|endoftext|>.
+# Special tokens are never produced by the BPE itself: encode() cuts the text at their spellings and
+# maps them straight to their ids, the same way for both backends.
+
+class TextTokenizer:
+    SPECIAL = ('[Img]', '[/Img]', '[SEG]', '[USER]', '[ASSISTANT]')
+
+    def __init__(self, model):
+        self.model = model if isinstance(model, str) else f'tiktoken:{model.name}'
+        if not isinstance(model, str) or model.startswith('tiktoken:'):
+            import tiktoken
+            enc = tiktoken.get_encoding(model.split(':', 1)[1]) if isinstance(model, str) else model
+            n = enc.n_vocab
+            self._encode, self._decode = enc.encode_ordinary, enc.decode
+            self.special = {s: n + k for k, s in enumerate(self.SPECIAL)}        # appended after the BPE
+            self.eos = self.bos = enc.eot_token
+            self.pad = n + len(self.SPECIAL)
+            self.vocab_size = n + len(self.SPECIAL) + 1
+        else:
+            import sentencepiece as spm
+            if not os.path.isfile(model):
+                from common import die
+                die(f"text tokenizer {model} not found; prepare the world first (python data/shapes/prepare.py)")
+            sp = spm.SentencePieceProcessor(model_file=model)
+            self._encode, self._decode = sp.encode, sp.decode
+            self.special = {s: sp.piece_to_id(s) for s in self.SPECIAL}
+            if sp.unk_id() in self.special.values():
+                from common import die
+                die(f"{model} has no pieces for {', '.join(self.SPECIAL)}; use a tokenizer.model from prepare.py")
+            self.eos, self.bos, self.pad = sp.eos_id(), sp.bos_id(), sp.pad_id()
+            self.vocab_size = sp.get_piece_size()
+        self.img, self.img_end, self.seg, self.user, self.assistant = (self.special[s] for s in self.SPECIAL)
+        self._names = {v: k for k, v in self.special.items()}
+        self._split = re.compile('(' + '|'.join(re.escape(s) for s in self.SPECIAL) + ')')
+
+    def encode(self, text):
+        """str -> list of ids; the special spellings anywhere in text become their ids."""
+        ids = []
+        for part in self._split.split(text):
+            if part in self.special:
+                ids.append(self.special[part])
+            elif part.strip():
+                ids += self._encode(part.strip())
+        return ids
+
+    def decode(self, ids):
+        """ids -> str. Special tokens are spelled out, eos and pad end / are dropped; any id past the
+        text vocabulary (SETOKIM's VIS) is written as <v>."""
+        words, run = [], []
+        for i in ids:                         # one sequence, at most a few hundred ids: not a hot path
+            i = int(i)
+            if i in (self.eos, self.pad) or i in self._names or i >= self.vocab_size:
+                if run:
+                    words.append(self._decode(run))
+                    run = []
+                if i == self.eos:
+                    break
+                if i != self.pad:
+                    words.append(self._names.get(i, '<v>'))
+            else:
+                run.append(i)
+        if run:
+            words.append(self._decode(run))
+        return ' '.join(w.strip() for w in words if w.strip())
+
+
+# -----------------------------------------------------------------------------
+# 2) The LLM: a nanoGPT-like decoder, from scratch, built from setok.Block.
+#
+# Positions are LEARNED ABSOLUTE embeddings (GPT-2's choice), one row per position up to block_size.
+# Why not RoPE: our sequences are short and have a known maximum, and absolute positions keep the KV
+# cache trivial: a new token's position is just the number of real tokens before it. With left
+# padding (batched generation) positions are counted over real tokens only, so a prompt gets the same
+# positions whether it is padded or not.
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 257      # text vocabulary + 1: the last row is VIS ("a visual token follows")
+    block_size: int = 256      # the longest sequence (rows of the position table)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 192          # C
+    # the multimodal parts
+    token_dim: int = 128       # D, the width of SeTok's tokens
+    grid: int = 16             # SeTok's patch grid side: labels are (B, grid*grid)
+    image_size: int = 64
+    mask_dim: int = 128        # mask decoder width
+    mask_depth: int = 2        # mask decoder layers
+    mask_n_head: int = 4
+    mask_refine: bool = True   # a per-patch correction on top of the exact label gather
+    # ids of the text tokenizer that the model uses while generating
+    img_id: int = 4
+    img_end_id: int = 5
+    seg_id: int = 6
+    eos_id: int = 2
+    pad_id: int = 3
+
+    @property
+    def vis_id(self):
+        return self.vocab_size - 1
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight                  # weight tying (GPT-2, nanoGPT)
+        # GPT-2's init: N(0, 0.02), and the residual projections scaled by 1/sqrt(2 * n_layer)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if getattr(m, 'bias', None) is not None:
+                    nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():
+            if name.endswith('attn.proj.weight') or name.endswith('mlp.out.weight'):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, x, real, caches=None):
+        """x (B, T, C): input embeddings of the T newest positions (text ids embedded, visual tokens
+        scattered in: SETOKIM.embed). real (B, Ta) bool over ALL positions so far, cached ones first
+        (Ta = T without a cache): True for real tokens, False for padding.
+        caches: one dict per block (setok.Attention's KV cache), filled and extended in place.
+        Returns the final hidden states (B, T, C) (after ln_f; lm_head turns them into logits)."""
+        B, T, _ = x.shape
+        Ta = real.shape[1]
+        pos = (real.long().cumsum(1) - 1).clamp(min=0)[:, Ta - T:]          # (B, T) real tokens before
+        if Ta > self.cfg.block_size:       # (only then can a position overflow; no device sync otherwise)
+            assert int(pos.max()) < self.cfg.block_size, f"sequence longer than block_size={self.cfg.block_size}"
+        x = x + self.wpe(pos)
+        # causal + padding: query i may see key j <= i that is a real token; every query also sees
+        # itself, so a padding row is never all-masked (that would give NaNs that leak into the sums)
+        qi = torch.arange(Ta - T, Ta, device=x.device)[:, None]             # (T, 1) query positions
+        kj = torch.arange(Ta, device=x.device)[None, :]                     # (1, Ta) key positions
+        mask = (kj <= qi) & (real[:, None, :] | (kj == qi))                 # (B, T, Ta)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, mask=mask[:, None], cache=None if caches is None else caches[i])
+        return self.ln_f(x)                                                 # (B, T, C)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def estimate_mfu(self, tokens_per_sec, seq_len, peak_flops=312e12):
+        """Model flops utilisation (nanoGPT's estimate, from the PaLM paper's appendix B): 6N flops per
+        token for the weights (forward + backward) plus 12 * L * H * Q * T for attention.
+        peak_flops: the device's bf16 peak (A100: 312e12)."""
+        c = self.cfg
+        flops_per_token = 6 * self.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
+        return flops_per_token * tokens_per_sec / peak_flops
+
+
+# -----------------------------------------------------------------------------
+# 3) Sequences.
+#
+# 3a) SeTok's tokens are a SET: the merger's inter-cluster transformer has no token positions and
+# the detokenizer cross-attends to them as a set, so their order is free, but an LLM reads and writes
+# a SEQUENCE. We put every image's tokens in READING ORDER: by the centroid of each token's cluster,
+# top to bottom in `bands` horizontal bands, left to right inside a band (the order the world's
+# captions list objects in). The labels are renumbered with the same permutation, so "patch n belongs
+# to token labels[n]" stays true. Grid tokens keep their raster order.
+
+def reading_order(tokens, token_mask, labels, grid, bands=3):
+    """tokens (B,K,D), token_mask (B,K), labels (B,N) -> the same three, tokens permuted per image
+    into reading order (padding slots stay last) and labels renumbered to match."""
+    B, K, D = tokens.shape
+    n = torch.arange(grid * grid, device=tokens.device)
+    ys, xs = (n // grid).float(), (n % grid).float()                        # (N,) patch row / column
+    onehot = F.one_hot(labels.long(), K).float()                            # (B, N, K)
+    count = onehot.sum(1).clamp_min(1)                                      # (B, K) patches per token
+    cy = (onehot * ys[None, :, None]).sum(1) / count                        # (B, K) centroid row
+    cx = (onehot * xs[None, :, None]).sum(1) / count                        # (B, K) centroid column
+    band = (cy * bands / grid).floor().clamp(max=bands - 1)
+    key = torch.where(token_mask, band * grid + cx, torch.full_like(cx, float('inf')))
+    order = torch.sort(key, dim=1, stable=True).indices                     # (B, K) new slot -> old
+    new_of_old = torch.empty_like(order).scatter_(1, order, torch.arange(K, device=tokens.device).expand(B, K))
+    return (tokens.gather(1, order[..., None].expand(B, K, D)), token_mask.gather(1, order),
+            new_of_old.gather(1, labels.long()))                            # labels: old id -> new id
+
+
+# 3b) The token bank: every image's real SeTok tokens, one image after another (ragged, no padding),
+# so an image that has 3 tokens takes 3 rows. Computed once (SeTok is frozen) by train_setokim.py.
+
+@dataclass
+class Bank:
+    tokens: torch.Tensor       # (M, D) float16: the real tokens of all images, image after image
+    off: torch.Tensor          # (n_img,) long: first row of each image
+    ntok: torch.Tensor         # (n_img,) long: its number of tokens
+    labels: torch.Tensor       # (n_img, N) int16: its patches' token ids (in reading order)
+    instances: torch.Tensor    # (n_src, H, W) uint8: instance maps of the source images (refer masks)
+
+    def padded(self, img, K=None):
+        """Images img (b,) -> tokens (b, K, D) float, token_mask (b, K): a gather, no loop."""
+        K = K or int(self.ntok[img].max())
+        k = torch.arange(K)
+        mask = k[None] < self.ntok[img][:, None]                            # (b, K)
+        rows = torch.where(mask, self.off[img][:, None] + k[None], 0)       # (b, K)
+        return self.tokens[rows].float() * mask[..., None], mask
+
+
+# 3c) One conversation -> flat per-position lists. Tokenising is string work, done once per run at
+# startup for the whole dataset (never per step).
+
+def encode_conversation(tok, turns, image_ref, vis_id):
+    """turns: LLaVA-style [{'from': 'human'|'gpt', 'value': str}]. '<image>' inside a human turn is the
+    input image; a gpt turn whose whole value is '<image>' is an image the model writes.
+    image_ref(is_output) -> (first bank row, number of tokens) of that image.
+    Returns lists over positions: ids (VIS at visual slots), ref (bank row of a visual slot, else -1),
+    ans (position belongs to an answer: gpt turns and their [eos]), out (visual slot of a written image)."""
+    ids, ref, ans, out = [], [], [], []
+
+    def put(new_ids, is_ans, rows=None, is_out=False):
+        ids.extend(new_ids)
+        ref.extend(rows if rows is not None else [-1] * len(new_ids))
+        ans.extend([is_ans] * len(new_ids))
+        out.extend([is_out] * len(new_ids))
+
+    def image(is_ans, is_out):
+        row, k = image_ref(is_out)
+        put([tok.img], is_ans)
+        put([vis_id] * k, is_ans, list(range(row, row + k)), is_out)
+        put([tok.img_end], is_ans)
+
+    for turn in turns:
+        if turn['from'] == 'human':
+            put([tok.user], False)
+            for j, text in enumerate(turn['value'].split('<image>')):
+                if j > 0:
+                    image(False, False)
+                put(tok.encode(text), False)
+        else:
+            put([tok.assistant], False)
+            if turn['value'].strip() == '<image>':
+                image(True, True)
+            else:
+                put(tok.encode(turn['value']), True)
+            put([tok.eos], True)
+    return ids, ref, ans, out
+
+
+@dataclass
+class Packed:
+    """All conversations of a split in flat arrays (conversation after conversation) + per-conversation
+    fields. Batching is a gather at offsets (collate)."""
+    ids: torch.Tensor          # (L,) long
+    ref: torch.Tensor          # (L,) long, bank row of visual slots, -1 elsewhere
+    ans: torch.Tensor          # (L,) bool
+    out: torch.Tensor          # (L,) bool
+    off: torch.Tensor          # (n,) long: first position of each conversation
+    length: torch.Tensor       # (n,) long
+    prompt_len: torch.Tensor   # (n,) long: positions up to and including the first [ASSISTANT]
+    img: torch.Tensor          # (n,) long: the input image (bank index), -1 when none
+    mask_id: torch.Tensor      # (n,) long: instance id of the referred object, 0 when none
+    n_ce: torch.Tensor         # (n,) long: answer tokens to predict (text CE terms)
+    n_reg: torch.Tensor        # (n,) long: visual tokens to regress
+    has_seg: torch.Tensor      # (n,) bool: a [SEG] in the answer (mask loss)
+
+
+def pack(encoded, img, mask_id, seg_id):
+    """encoded: [(ids, ref, ans, out)] from encode_conversation; img, mask_id: per conversation."""
+    length = torch.tensor([len(e[0]) for e in encoded])
+    cat = lambda k, dt: torch.from_numpy(np.fromiter(itertools.chain.from_iterable(e[k] for e in encoded), dt,
+                                                     count=int(length.sum())))
+    ids, ref, ans, out = cat(0, np.int64), cat(1, np.int64), cat(2, np.bool_), cat(3, np.bool_)
+    off = length.cumsum(0) - length
+    conv = torch.arange(len(encoded)).repeat_interleave(length)             # (L,) owner of each position
+    first = off[conv] == torch.arange(len(ids))                             # first position of its conversation
+    per_conv = lambda x: torch.zeros(len(encoded), dtype=torch.long).index_add_(0, conv, x.long())
+    # the first answer position of each conversation (answers never start a conversation)
+    pos_in = torch.arange(len(ids)) - off[conv]
+    first_ans = torch.full((len(encoded),), 1 << 30).scatter_reduce(0, conv, torch.where(ans, pos_in, 1 << 30), 'amin')
+    return Packed(ids=ids, ref=ref, ans=ans, out=out, off=off, length=length, prompt_len=first_ans,
+                  img=torch.as_tensor(img, dtype=torch.long), mask_id=torch.as_tensor(mask_id, dtype=torch.long),
+                  n_ce=per_conv(ans & ~first), n_reg=per_conv(out), has_seg=per_conv(ans & (ids == seg_id)) > 0)
+
+
+def collate(P, bank, rows, cfg, prompt_extra=None):
+    """Conversations `rows` (B,) of P -> a padded batch (dict of tensors), vectorised: no loop.
+    Training batches are right-padded. With prompt_extra (B,) (0 or 1) the batch holds only the
+    prompts (up to [ASSISTANT], plus prompt_extra answer tokens, e.g. a forced [Img] or [SEG]),
+    LEFT-padded so that every prompt ends in the last column (for generation).
+      idx (B,T) ids, pad where padding      real (B,T) bool
+      vis_mask (B,T) visual slots           vis (M, D) their SeTok tokens, in row-major order
+      targets (B,T) next id where it is an answer token, else -1
+      reg_mask (B,T) positions whose NEXT token is a written visual token, reg_target (R, D) that token
+      seg_rows (S,) batch rows with a [SEG] answer, seg_pos (S,) its position, seg_tokens (S,K,D),
+      seg_token_mask (S,K), seg_labels (S,N) long, seg_gt (S,H,W) float: the input image of each"""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    L = P.length[rows] if prompt_extra is None else P.prompt_len[rows] + torch.as_tensor(prompt_extra)
+    T = int(L.max())
+    t = torch.arange(T)
+    if prompt_extra is None:
+        real = t[None] < L[:, None]                                         # (B, T) right padding
+        src = P.off[rows][:, None] + t[None]
+    else:
+        start = T - L                                                       # left padding
+        real = t[None] >= start[:, None]
+        src = P.off[rows][:, None] + t[None] - start[:, None]
+    src = torch.where(real, src, 0)                                         # (B, T) flat position
+    idx = torch.where(real, P.ids[src], cfg.pad_id)
+    ref = torch.where(real, P.ref[src], -1)
+    ans, out = real & P.ans[src], real & P.out[src]
+    vis_mask = ref >= 0
+    b = {'idx': idx, 'real': real, 'vis_mask': vis_mask, 'vis': bank.tokens[ref[vis_mask]].float()}
+    if prompt_extra is not None:
+        return b
+    # the target at t is the token at t+1 when that token is part of an answer
+    b['targets'] = F.pad(torch.where(ans[:, 1:], idx[:, 1:], -1), (0, 1), value=-1)       # (B, T)
+    b['reg_mask'] = F.pad(out[:, 1:], (0, 1), value=False)                               # (B, T)
+    b['reg_target'] = bank.tokens[ref[:, 1:][out[:, 1:]]].float()                        # (R, D)
+    seg = ans & (idx == cfg.seg_id)                                                      # (B, T)
+    seg_rows = seg.any(1).nonzero()[:, 0]                                                # (S,)
+    img = P.img[rows[seg_rows]]
+    b['seg_rows'], b['seg_pos'] = seg_rows, seg[seg_rows].float().argmax(1)
+    b['seg_tokens'], b['seg_token_mask'] = bank.padded(img, K=max(1, int(bank.ntok[img].max())) if len(img) else 1)
+    b['seg_labels'] = bank.labels[img].long()
+    b['seg_gt'] = (bank.instances[img].long() == P.mask_id[rows[seg_rows]][:, None, None]).float()
+    return b
+
+
+def loss_counts(P, rows):
+    """The number of terms of each loss over conversations `rows`: (n_ce, n_reg, n_seg). Every
+    process computes them for the GLOBAL batch (the data order is known), so the loss is the same mean
+    whatever the batch is split into (processes, micro-steps)."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    return (int(P.n_ce[rows].sum()), int(P.n_reg[rows].sum()), int(P.has_seg[rows].sum()))
+
+
+# -----------------------------------------------------------------------------
+# 4) The mask decoder (referring segmentation).
+#
+# The tokens know WHERE their concepts are (SeTok's position embedding goes in before pooling), the
+# [SEG] hidden state knows WHICH concept is asked for. A few transformer layers over [query, tokens]
+# let the query read the tokens and the tokens read the query and each other; then a dot product of
+# each token with the query gives one logit per token.
+# SeTok's labels map them back to patches EXACTLY: labels[b, n] is the token that patch n was merged
+# into, so patch n gets that token's logit (tokens_to_patches: a gather). A cluster is all in or all
+# out; the optional refinement adds a per-patch term (from the patch's position and its token,
+# zero at init) that can trim a cluster that spills over its object. Bilinear upsampling to pixels.
+
+def tokens_to_patches(token_logits, labels):
+    """token_logits (B, K), labels (B, N) long -> (B, N): patch n gets the logit of token labels[n]."""
+    return token_logits.gather(1, labels)
+
+
+class MaskDecoder(nn.Module):
+    def __init__(self, token_dim, query_dim, dim, depth, n_head, grid, image_size, refine=True):
+        super().__init__()
+        self.grid, self.image_size, self.dim = grid, image_size, dim
+        self.tok_in, self.q_in = nn.Linear(token_dim, dim), nn.Linear(query_dim, dim)
+        self.blocks = nn.ModuleList([Block(dim, n_head) for _ in range(depth)])
+        self.ln_t, self.ln_q = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.refine = MLP(dim) if refine else None
+        if refine:
+            self.register_buffer('pos', pos_embed_2d(grid, grid, dim), persistent=False)
+            nn.init.zeros_(self.refine.out.weight)                          # starts as the exact gather
+            nn.init.zeros_(self.refine.out.bias)
+
+    def forward(self, tokens, token_mask, labels, query):
+        """tokens (B,K,D) of the input image, token_mask (B,K), labels (B,N) long, query (B,C) the LLM
+        hidden state at [SEG] -> pixel logits (B,H,W), patch logits (B,N), token logits (B,K)."""
+        B, g = tokens.shape[0], self.grid
+        # one sequence [query, token_1 .. token_K]: the query reads the tokens, the tokens read the
+        # query and each other (SAM's two-way attention, folded into plain self-attention)
+        x = torch.cat([self.q_in(query)[:, None], self.tok_in(tokens)], 1)  # (B, 1+K, c)
+        keys = F.pad(token_mask, (1, 0), value=True)[:, None, None, :]      # (B, 1, 1, 1+K) real keys
+        for blk in self.blocks:
+            x = blk(x, mask=keys)
+        q, t = self.ln_q(x[:, :1]), self.ln_t(x[:, 1:])                     # (B,1,c), (B,K,c)
+        token_logits = (t @ q.transpose(1, 2))[..., 0] / math.sqrt(self.dim)    # (B, K)
+        patch_logits = tokens_to_patches(token_logits, labels)              # (B, N) exact
+        if self.refine is not None:
+            f = t.gather(1, labels[..., None].expand(-1, -1, t.shape[-1])) + self.pos  # (B, N, c)
+            patch_logits = patch_logits + (self.refine(f) @ q.transpose(1, 2))[..., 0] / math.sqrt(self.dim)
+        pix = F.interpolate(patch_logits.view(B, 1, g, g).float(), size=(self.image_size, self.image_size),
+                            mode='bilinear', align_corners=False)[:, 0]     # (B, H, W)
+        return pix, patch_logits, token_logits
+
+
+def mask_loss(pix_logits, gt, dice_weight=1.0):
+    """Per sample (S,): pixel BCE + dice_weight * soft dice. pix_logits, gt (S, H, W)."""
+    bce = F.binary_cross_entropy_with_logits(pix_logits, gt, reduction='none').flatten(1).mean(1)
+    p, g = torch.sigmoid(pix_logits).flatten(1), gt.flatten(1)
+    dice = 1 - (2 * (p * g).sum(1) + 1) / (p.sum(1) + g.sum(1) + 1)
+    return bce + dice_weight * dice
+
+
+# -----------------------------------------------------------------------------
+# 5) SETOKIM: the GPT, the two projectors, the mask decoder.
+
+def sample_next(logits, temperature=0.0, top_k=None):
+    """logits (B, V) -> ids (B,). temperature <= 0: greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        v = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < v, float('-inf'))
+    return torch.multinomial(F.softmax(logits, -1), 1)[:, 0]
+
+
+class SETOKIM(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, D = cfg.n_embd, cfg.token_dim
+        self.gpt = GPT(cfg)
+        self.in_proj = MLP(D, C, C)          # D -> C: SeTok tokens into the LLM (2 layers, GELU)
+        self.out_proj = MLP(C, C, D)         # C -> D: the LLM's next visual token
+        self.mask_decoder = MaskDecoder(D, C, cfg.mask_dim, cfg.mask_depth, cfg.mask_n_head, cfg.grid,
+                                        cfg.image_size, cfg.mask_refine)
+        # SeTok's tokens are standardised per channel (statistics of the training images, set once by
+        # train_setokim.py) so the regression works on a fixed scale whatever the SeTok checkpoint
+        self.register_buffer('tok_mean', torch.zeros(D))
+        self.register_buffer('tok_std', torch.ones(D))
+
+    def normalize(self, v):
+        return (v - self.tok_mean) / self.tok_std
+
+    def denormalize(self, v):
+        return v * self.tok_std + self.tok_mean
+
+    def embed(self, idx, vis_mask, vis):
+        """idx (B,T) ids, vis_mask (B,T) bool, vis (M,D) SeTok tokens of the M visual slots (row-major
+        order) -> (B,T,C): text ids embedded, each visual slot replaced by in_proj(its token)."""
+        x = self.gpt.wte(idx)                                               # (B, T, C)
+        v = self.in_proj(self.normalize(vis))                               # (M, C)
+        return x.index_put((vis_mask,), v.to(x.dtype))                      # scatter by the mask
+
+    def hidden(self, b, caches=None):
+        return self.gpt(self.embed(b['idx'], b['vis_mask'], b['vis']), b['real'], caches)
+
+    def forward(self, b, norm=None, ce_weight=1.0, reg_weight=1.0, mask_weight=1.0, cos_weight=1.0, dice_weight=1.0):
+        """b: a batch from collate. norm: (n_ce, n_reg, n_seg) the counts each loss SUM is divided by
+        (default: this batch's own, i.e. plain means; train_setokim.py passes the global batch's).
+        Returns (loss, stats): the sums and counts of each term, detached."""
+        h = self.hidden(b)                                                  # (B, T, C)
+        # 1) text CE on answer tokens only; the LM head runs only where there is a target
+        tm = b['targets'] >= 0
+        ce = F.cross_entropy(self.gpt.lm_head(h[tm]).float(), b['targets'][tm], reduction='sum')
+        # 2) visual regression: hidden at t -> the written visual token at t+1, in normalised space
+        pred = self.out_proj(h[b['reg_mask']]).float()                      # (R, D)
+        tgt = self.normalize(b['reg_target'])
+        reg = ((pred - tgt).pow(2).mean(-1) + cos_weight * (1 - F.cosine_similarity(pred, tgt, dim=-1))).sum()
+        # 3) referring masks, from the [SEG] hidden state and the input image's tokens
+        S = len(b['seg_rows'])
+        if S:
+            pix, _, _ = self.mask_decoder(self.normalize(b['seg_tokens']), b['seg_token_mask'], b['seg_labels'],
+                                          h[b['seg_rows'], b['seg_pos']])
+            msk = mask_loss(pix, b['seg_gt'], dice_weight).sum()
+        else:
+            msk = h.new_zeros((), dtype=torch.float32)
+        counts = (int(tm.sum()), len(pred), S)
+        n_ce, n_reg, n_seg = norm if norm is not None else (max(1, n) for n in counts)
+        loss = ce_weight * ce / n_ce + reg_weight * reg / n_reg + mask_weight * msk / n_seg
+        # every parameter takes part in every step, even when a term is absent from this batch (no
+        # [SEG], no written image): DDP needs it, and AdamW then treats every step alike
+        loss = loss + 0.0 * sum(p.view(-1)[0] for p in self.parameters())
+        stats = {'ce': ce.detach(), 'reg': reg.detach(), 'mask': msk.detach(),
+                 'n_ce': counts[0], 'n_reg': counts[1], 'n_seg': counts[2]}
+        return loss, stats
+
+    @torch.no_grad()
+    def generate(self, b, max_new_tokens, temperature=0.0, top_k=None, max_image_tokens=16, use_cache=True):
+        """Continue LEFT-padded prompts b (collate(..., prompt_extra=...)) for up to max_new_tokens.
+        Text steps sample any id but VIS; after [Img] every step is either another visual token (the
+        hidden state through out_proj, fed back through in_proj) or [/Img]: the LM head decides,
+        restricted to {VIS, [/Img]}, with at least 1 and at most max_image_tokens tokens. A prompt
+        that ends in [Img] starts writing an image at once. Rows stop at [eos] (then pad).
+        Returns ids (B, S) (VIS at visual tokens) and vis (B, S, D): the SeTok-space token at every
+        step where ids == VIS (zeros elsewhere). use_cache=False recomputes the whole sequence each
+        step (the reference the KV cache is tested against)."""
+        c = self.cfg
+        x, real = self.embed(b['idx'], b['vis_mask'], b['vis']), b['real']
+        B = x.shape[0]
+        if max_new_tokens <= 0:
+            return b['idx'][:, :0], x.new_zeros(B, 0, c.token_dim)
+        caches = [dict() for _ in self.gpt.blocks] if use_cache else None
+        h = self.gpt(x, real, caches)[:, -1]                                # (B, C) last prompt position
+        in_img = b['idx'][:, -1] == c.img_id                                # (B,) inside an image
+        n_vis = torch.zeros(B, dtype=torch.long, device=x.device)           # tokens of the current image
+        done = torch.zeros(B, dtype=torch.bool, device=x.device)
+        ids, vis = [], []
+        for _ in range(max_new_tokens):
+            logits = self.gpt.lm_head(h).float()                            # (B, V)
+            text = sample_next(logits.index_fill(1, torch.tensor([c.vis_id], device=x.device), float('-inf')),
+                               temperature, top_k)
+            more = sample_next(logits[:, [c.vis_id, c.img_end_id]], temperature) == 0   # VIS beats [/Img]
+            more = (more | (n_vis == 0)) & (n_vis < max_image_tokens)
+            nxt = torch.where(in_img, torch.where(more, c.vis_id, c.img_end_id), text)
+            nxt = torch.where(done, c.pad_id, nxt)                          # (B,)
+            is_vis = nxt == c.vis_id
+            v = self.out_proj(h)                                            # (B, D) normalised space
+            e = torch.where(is_vis[:, None], self.in_proj(v).to(x.dtype), self.gpt.wte(nxt))  # (B, C)
+            ids.append(nxt)
+            vis.append(torch.where(is_vis[:, None], self.denormalize(v.float()), 0.0))
+            n_vis = torch.where(is_vis, n_vis + 1, 0)
+            in_img = is_vis | (nxt == c.img_id)
+            done = done | (nxt == c.eos_id)
+            if bool(done.all()):
+                break
+            real = F.pad(real, (0, 1), value=True)                          # (B, Ta + 1)
+            if use_cache:
+                h = self.gpt(e[:, None], real, caches)[:, -1]
+            else:
+                x = torch.cat([x, e[:, None]], 1)
+                h = self.gpt(x, real)[:, -1]
+        return torch.stack(ids, 1), torch.stack(vis, 1)
+
+    @torch.no_grad()
+    def segment(self, b, img_tokens, token_mask, labels):
+        """Prompts b that end in [SEG] (left-padded), the input images' tokens (S,K,D), token_mask
+        (S,K), labels (S,N) -> pixel logits (S, H, W)."""
+        h = self.hidden(b)[:, -1]                                           # (S, C) at [SEG]
+        return self.mask_decoder(self.normalize(img_tokens), token_mask, labels, h)[0]
+
+
+def visual_tokens(ids, vis, vis_id, K):
+    """The first K generated visual tokens of every row -> tokens (B, K, D), token_mask (B, K), for
+    the detokenizer. Vectorised: each visual step's slot is its rank among the row's visual steps."""
+    B, S, D = vis.shape
+    is_vis = ids == vis_id                                                  # (B, S)
+    slot = is_vis.long().cumsum(1) - 1                                      # (B, S)
+    keep = is_vis & (slot < K)
+    r, s = keep.nonzero(as_tuple=True)
+    tokens = vis.new_zeros(B, K, D).index_put((r, slot[r, s]), vis[r, s])
+    mask = torch.zeros(B, K, dtype=torch.bool, device=ids.device).index_put((r, slot[r, s]), torch.tensor(True, device=ids.device))
+    return tokens, mask
+
+
+# -----------------------------------------------------------------------------
+# 6) Loading a trained SETOKIM (for sample.py): the model, its text tokenizer, and the frozen SeTok +
+# detokenizer it was trained with (the same tokenizer override).
+
+def load_setokim(path, device='cpu'):
+    """-> (model, text tokenizer, setok, detok, checkpoint dict), models in eval mode."""
+    from common import die, load_checkpoint
+    from detok import load_setok
+    ck = load_checkpoint(path, kind='setokim', what='SETOKIM checkpoint')
+    model = SETOKIM(GPTConfig(**ck['gpt_config']))
+    model.load_state_dict(ck['model'])
+    tok = TextTokenizer(ck['text_tokenizer'])
+    if not os.path.isfile(ck['setok_ckpt']):
+        die(f"{path} was trained on the SeTok checkpoint {ck['setok_ckpt']}, which is gone")
+    setok, detok, _ = load_setok(ck['setok_ckpt'], device, **ck['setok_overrides'])
+    return model.to(device).eval(), tok, setok, detok, ck
