@@ -43,7 +43,6 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (HERE, configure, die, load_checkpoint, lr_at, pick_device, rng_state, save_checkpoint,

@@ -35,17 +35,21 @@ def resolve_world(world_dir):
     die(f"world folder {world_dir} not found; make it with: python data/shapes/prepare.py data_dir={world_dir}")
 
 
-def _read_jsonl(path, what):
+def _read_jsonl(path, what, progress=None):
+    """The records of a JSONL file (with a tqdm bar titled `progress`, if given)."""
     if not os.path.isfile(path):
         die(f"{what} {path} not found; the world is incomplete: delete its folder and prepare it again")
-    out = []
     with open(path, encoding='utf-8') as f:
-        for k, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    die(f"{path} line {k} is not valid JSON; delete the world folder and prepare it again")
+        lines = f.readlines()
+    if progress:
+        lines = tqdm(lines, desc=progress, unit='rec', dynamic_ncols=True, mininterval=0.5, leave=False)
+    out = []
+    for k, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                die(f"{path} line {k} is not valid JSON; delete the world folder and prepare it again")
     return out
 
 
@@ -95,16 +99,4 @@ def load_instruct(world_dir, split):
     _check_split(split)
     world_dir = resolve_world(world_dir)
     path = os.path.join(world_dir, f'{split}_instruct.jsonl')
-    if not os.path.isfile(path):
-        die(f"instruction data {path} not found; the world is incomplete: delete its folder and prepare it again")
-    with open(path, encoding='utf-8') as f:
-        lines = f.readlines()
-    out = []
-    for k, line in enumerate(tqdm(lines, desc=f'load {split} instruct', unit='rec', dynamic_ncols=True,
-                                  mininterval=0.5, leave=False), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                die(f"{path} line {k} is not valid JSON; delete the world folder and prepare it again")
-    return out
+    return _read_jsonl(path, 'instruction data', progress=f'load {split} instruct')

@@ -59,7 +59,7 @@ def test_scripts_reject_unknown_keys(script):
 
 def test_every_preset_key_is_a_setting_of_some_script():
     """A typo in a preset would be skipped silently by every script; this catches it."""
-    from common import config_keys, load_preset
+    from common import load_preset
     import ast
     known = set()
     for script in ['train_setok.py', 'train_setokim.py', 'sample.py', 'data/shapes/prepare.py']:

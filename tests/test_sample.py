@@ -54,15 +54,6 @@ def setok_ckpt(world, tmp_path_factory):
 TINY_LLM = [*TINY_LM, 'llm_batch_size=4', 'stage1_max_iters=1', 'stage2_max_iters=1', 'llm_eval_interval=1']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def setokim_ckpt(world, setok_ckpt):
     """Written next to the SeTok checkpoint, as train_setokim.py does: <out_dir>/setokim/stage2.pt."""

@@ -1,6 +1,5 @@
 """SeTok's parts on synthetic inputs: clustering, merger, compile, the contrastive loss."""
 import torch
-import torch.nn.functional as F
 
 from setok import (SeTok, SeTokConfig, TokenMerger, concept_contrastive_loss, density_peak_cluster,
                    density_peak_cluster_reference, grid_labels, pos_embed_2d)

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import run_script
+
 from setokim import (SETOKIM, Bank, GPTConfig, MaskDecoder, TextTokenizer, collate, encode_conversation,
                      loss_counts, mask_loss, pack, reading_order, tokens_to_patches, visual_tokens)
 
@@ -20,15 +22,6 @@ TINY_SETOK = ['image_size=32', 'patch_size=4', 'dim=32', 'depth=1', 'n_head=4', 
 TINY_LM = ['llm_n_layer=1', 'llm_n_head=2', 'llm_n_embd=32', 'block_size=128', 'mask_dim=16', 'mask_depth=1',
            'mask_n_head=2', 'eval_per_task=2', 'eval_batch_size=8', 'log_interval=1', 'llm_warmup_iters=1',
            'threads=1', 'llm_learning_rate=3e-3']
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope='module')
@@ -356,14 +349,8 @@ def test_mask_decoder_learns_a_tiny_problem():
 # real (tiny) runs of train_setokim.py
 
 def run(world, setok_dir, out_name, *args, torchrun=False, check=True):
-    cmd = [sys.executable, 'train_setokim.py', *TINY_LM, f'data_dir={world}', f'out_dir={setok_dir}',
-           f'run_name={out_name}', *args]
-    if torchrun:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29527', *cmd[1:]]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return run_script('train_setokim.py', *TINY_LM, f'data_dir={world}', f'out_dir={setok_dir}', f'run_name={out_name}',
+                      *args, torchrun=torchrun, port=29527, check=check)
 
 
 def params(setok_dir, name, stage=2):

@@ -1,11 +1,11 @@
 """train_setok.py on real (tiny) runs: the loss falls, resume is exact, 2-process DDP == 1 process,
 a non-finite loss stops the run and keeps the last good checkpoint, eval writes its panel."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from conftest import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['image_size=32', 'patch_size=4', 'dim=32', 'depth=1', 'n_head=4', 'token_dim=32', 'intra_depth=1',
@@ -22,13 +22,7 @@ def world(tmp_path_factory):
 
 
 def run(world, out, *args, torchrun=False, check=True):
-    cmd = [sys.executable, 'train_setok.py', *TINY, f'data_dir={world}', f'out_dir={out}', *args]
-    if torchrun:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517', *cmd[1:]]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return run_script('train_setok.py', *TINY, f'data_dir={world}', f'out_dir={out}', *args, torchrun=torchrun, check=check)
 
 
 def params(out):

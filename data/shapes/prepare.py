@@ -111,7 +111,7 @@ from tqdm import tqdm
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
-from common import configure, die, load_preset  # noqa: E402
+from common import configure, die  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings (override on the command line with key=value, or config=NAME)
