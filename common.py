@@ -36,9 +36,9 @@ SIMPLE_TYPES = (bool, int, float, str, list)
 
 
 def config_keys(namespace):
-    """The settings of a script: its public module-level values of a simple type."""
+    """The settings of a script: its public module-level values of a simple type (not CONSTANTS)."""
     return [k for k, v in namespace.items()
-            if not k.startswith('_') and isinstance(v, SIMPLE_TYPES) and not callable(v)]
+            if not k.startswith('_') and not k.isupper() and isinstance(v, SIMPLE_TYPES) and not callable(v)]
 
 
 def parse_value(key, text, default):

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def settings():
-    return {'lr': 1e-3, 'steps': 100, 'compile': False, 'name': 'x', 'images': [], 'np': None}
+    return {'lr': 1e-3, 'steps': 100, 'compile': False, 'name': 'x', 'images': [], 'np': None, 'HERE': '/'}
 
 
 def test_overrides_and_types():
