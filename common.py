@@ -6,6 +6,7 @@ The plumbing that every nanoSeTok script shares, written once:
   die(...)           a one-line error and exit code 2, never a traceback
   pick_device(...)   cuda > mps > cpu, and the autocast context that goes with it
   setup_ddp()        torchrun-aware DistributedDataParallel setup (nccl on GPU, gloo on CPU)
+  timed_step(...)    the time and peak GPU memory of one training step (smoke=True)
   save_checkpoint / load_checkpoint   atomic writes, checked reads
   rng_state / set_rng_state           everything exact resume needs from the random generators
   lr_at(...)         linear warmup then cosine decay
@@ -15,6 +16,7 @@ import math
 import os
 import random
 import sys
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -165,6 +167,27 @@ def setup_ddp(device):
     return True, rank, world, device
 
 
+def timed_step(forward, opt, ctx, dev):
+    """One optimizer step of the loss that forward() returns as (loss, stats) -> (loss as a float,
+    stats, seconds, peak GPU memory in GiB or None). On a GPU it steps twice and measures the second
+    step: the first one warms up (kernels, torch.compile) and creates the optimizer state, which the
+    peak then includes. The training scripts' smoke=True."""
+    cuda = str(dev).startswith('cuda')
+    for _ in range(2 if cuda else 1):
+        if cuda:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.time()
+        with ctx:
+            loss, stats = forward()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = loss.item()                                      # waits for the GPU
+        dt = time.time() - t0
+    return loss, stats, dt, torch.cuda.max_memory_allocated(dev) / 2 ** 30 if cuda else None
+
+
 class GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 that lets gradients flow back to every rank (works on gloo too):
     the backward sums the incoming gradient over ranks and keeps this rank's slice."""
@@ -224,6 +247,15 @@ def load_checkpoint(path, kind=None, what='checkpoint'):
         die(f"{path} is a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed here")
     return ckpt
 
+
+
+def load_weights(module, state, path):
+    """module.load_state_dict(state), or die saying the checkpoint is from another version of the model."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1].strip() if len(str(e).strip().splitlines()) > 1 else str(e)
+        die(f"{path} does not fit this version of the model ({first[:160]}); retrain it with this code")
 
 def rng_state():
     state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}

@@ -58,10 +58,12 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
 from common import HERE as _HERE
 from common import cluster_overlay, configure, die, load_checkpoint, pick_device, to_uint8
+from data.loader import IMAGE_EXTS, ImageError
+from data.loader import load_image as load_image_uint8
 
 # -----------------------------------------------------------------------------
 # settings
@@ -97,7 +99,6 @@ inter_depth = 0
 dec_patch_size = 0
 dec_dim = 0
 dec_depth = 0
-dec_n_head = 0
 llm_n_layer = 0            # the SETOKIM shape (train_setokim.py's names)
 llm_n_head = 0
 llm_n_embd = 0
@@ -107,9 +108,8 @@ mask_depth = 0
 mask_n_head = 0
 # -----------------------------------------------------------------------------
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 ARCH_KEYS = ('image_size', 'patch_size', 'dim', 'depth', 'n_head', 'token_dim', 'intra_depth', 'inter_depth')
-DEC_KEYS = ('patch_size', 'dim', 'depth', 'n_head')           # DetokConfig fields, dec_ prefixed here
+DEC_KEYS = ('patch_size', 'dim', 'depth')           # DetokConfig fields, dec_ prefixed here
 LLM_KEYS = {'llm_n_layer': 'n_layer', 'llm_n_head': 'n_head', 'llm_n_embd': 'n_embd', 'block_size': 'block_size',
             'mask_dim': 'mask_dim', 'mask_depth': 'mask_depth', 'mask_n_head': 'mask_n_head'}   # -> GPTConfig
 SETOKIM_RUN = ('setokim/stage2.pt', 'setokim/stage1.pt')   # what train_setokim.py writes into out_dir
@@ -118,68 +118,10 @@ SETOKIM_RUN = ('setokim/stage2.pt', 'setokim/stage1.pt')   # what train_setokim.
 # -----------------------------------------------------------------------------
 # images in: any file a user may have -> (3, size, size) float tensor in [0, 1]
 
-class ImageError(ValueError):
-    """An input image that cannot be used; the message names the file and says why."""
-
-
-def to_rgb(im, background=(255, 255, 255)):
-    """Any PIL image -> 8-bit RGB. High bit depths are scaled (not clipped), transparency is
-    composited on `background` (white)."""
-    mode = im.mode
-    if mode.startswith('I;16') or mode in ('I', 'F'):                 # 16/32-bit integer or float
-        a = np.asarray(im).astype(np.float64)
-        if mode.startswith('I;16') or (mode == 'I' and a.max(initial=0) > 255):
-            a = a / 257.0                                              # 65535 -> 255
-        elif mode == 'F' and a.max(initial=0) <= 1.0:
-            a = a * 255.0                                              # a [0, 1] float image
-        im = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8))   # mode 'L'
-    if im.mode == 'P':
-        im = im.convert('RGBA')                  # the palette, and its transparent index if it has one
-    elif im.mode in ('LA', 'La', 'PA', 'RGBa', 'RGBX'):
-        im = im.convert('RGBA')
-    if im.mode == 'RGBA':
-        bg = Image.new('RGBA', im.size, tuple(background) + (255,))
-        im = Image.alpha_composite(bg, im)
-    return im.convert('RGB')                     # L, 1, CMYK, YCbCr, ... -> RGB
-
-
 def load_image(path, size):
-    """An image file -> (3, size, size) float tensor in [0, 1]: EXIF orientation applied, converted
-    to 8-bit RGB (transparency on white), the centred square cropped and resized to size x size.
-    Raises ImageError with a one-line message for anything that is not a usable image."""
-    if not os.path.exists(path):
-        raise ImageError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise ImageError(f"{path} is a folder, not an image")
-    if os.path.getsize(path) == 0:
-        raise ImageError(f"{path} is empty (0 bytes)")
-    try:
-        with Image.open(path) as im:
-            im.draft(im.mode, (size, size))      # JPEG: decode at 1/2..1/8 scale when much larger (still >= size)
-            im.load()                            # decode now, so a truncated file fails here
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:                    # a broken EXIF block: keep the pixels as stored
-                pass
-            try:
-                im = to_rgb(im)
-            except (ValueError, OSError, TypeError) as e:
-                raise ImageError(f"{path}: cannot convert its colour mode {im.mode} to RGB ({e})") from None
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(f"{path} is not an image file PIL can read (JPEG, PNG, WebP, BMP, GIF, TIFF, ...)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path} is too large to open safely ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as e:
-        raise ImageError(f"{path} is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    w, h = im.size
-    s = min(w, h)                                # the largest centred square (cropped first, so that the
-    left, top = (w - s) // 2, (h - s) // 2       # resampling filter sees nothing outside it) ...
-    im = im.crop((left, top, left + s, top + s))
-    if s != size:
-        im = im.resize((size, size), Image.Resampling.BICUBIC)   # ... resized to size x size
-    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float() / 255   # (3, size, size)
+    """An image file -> (3, size, size) float tensor in [0, 1], decoded as the header above says by
+    data/loader.py's load_image (which the streaming training loader uses too). Raises ImageError."""
+    return load_image_uint8(path, size).float() / 255
 
 
 def expand_images(paths):

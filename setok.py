@@ -19,10 +19,11 @@ Training signal (train_setok.py): reconstruction through the detokenizer + a con
 contrastive loss between tokens and the noun phrases ("large red circle") of the image.
 The clustering itself is hard (no gradient): the encoder learns through the merger.
 
-Sections: 1) building blocks shared by every file  2) ViT encoder  3) density-peak clustering
+Sections: 1) building blocks shared by every file  2) ViT encoder (+ CLIP / SigLIP weights)  3) clustering
 4) baseline tokenizers  5) token merger  6) SeTok  7) concept text encoder + contrastive loss.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,8 @@ class Attention(nn.Module):
         self.n_head = n_head
         self.q = nn.Linear(dim, dim)
         # no bias on keys/values: a key bias cancels in the softmax and a value bias passes straight
-        # into proj's bias, so both would be dead weights that Adam only fills with noise
+        # into proj's bias, so both would be dead weights that Adam only fills with noise. The same
+        # two facts load pretrained attention (which has them) exactly: Block.pretrained_state
         self.kv = nn.Linear(ctx_dim or dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
@@ -72,26 +74,35 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, Nq, C))
 
 
+# The MLP's nonlinearity. Ours is GELU's tanh form; pretrained weights need the one they were trained
+# with: GPT-2 ('gelu_new') and SigLIP use the tanh form too, OpenAI's CLIP uses quick_gelu.
+ACTS = {'gelu_tanh': lambda x: F.gelu(x, approximate='tanh'),
+        'gelu': F.gelu,                                               # the exact (erf) form
+        'quick_gelu': lambda x: x * torch.sigmoid(1.702 * x)}
+
+
 class MLP(nn.Module):
-    def __init__(self, dim, hidden=None, out=None):
+    def __init__(self, dim, hidden=None, out=None, act='gelu_tanh'):
         super().__init__()
+        self.act = act
         self.fc = nn.Linear(dim, hidden or 4 * dim)
         self.out = nn.Linear(hidden or 4 * dim, out or dim)
 
     def forward(self, x):
-        return self.out(F.gelu(self.fc(x), approximate="tanh"))
+        return self.out(ACTS[self.act](self.fc(x)))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). With ctx_dim it also
-    cross-attends (between self-attention and the MLP) to a context sequence."""
+    cross-attends (between self-attention and the MLP) to a context sequence. mlp_hidden, act and
+    eps exist for pretrained encoders (CLIP, SigLIP) whose shapes differ from ours."""
 
-    def __init__(self, dim, n_head, ctx_dim=None):
+    def __init__(self, dim, n_head, ctx_dim=None, mlp_hidden=None, act='gelu_tanh', eps=1e-5):
         super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, n_head)
+        self.ln1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, n_head)
         if ctx_dim is not None:
             self.ln_x, self.ln_ctx, self.xattn = nn.LayerNorm(dim), nn.LayerNorm(ctx_dim), Attention(dim, n_head, ctx_dim)
-        self.ln2, self.mlp = nn.LayerNorm(dim), MLP(dim)
+        self.ln2, self.mlp = nn.LayerNorm(dim, eps=eps), MLP(dim, mlp_hidden, act=act)
 
     def forward(self, x, mask=None, ctx=None, ctx_mask=None, cache=None):
         x = x + self.attn(self.ln1(x), mask=mask, cache=cache)
@@ -99,25 +110,191 @@ class Block(nn.Module):
             x = x + self.xattn(self.ln_x(x), self.ln_ctx(ctx), mask=ctx_mask)
         return x + self.mlp(self.ln2(x))
 
+    @staticmethod
+    def pretrained_state(ln1, q, k, v, o, ln2, fc, out):
+        """The state dict of a Block from a pretrained pre-norm block (GPT-2, CLIP, SigLIP). Each
+        argument is a (weight, bias) pair, weights in nn.Linear's (out, in) layout. Exact, although
+        our attention has no key/value biases:
+          * the key bias is dropped: it adds q_i . b_k to every score of query i, the same for
+            every key, and a softmax does not change when a constant is added to all its inputs;
+          * the value bias is folded into proj's bias: the softmax weights sum to 1, so every
+            attention output gets exactly b_v added, and proj(y + b_v) = proj(y) + W_o b_v."""
+        return {'ln1.weight': ln1[0], 'ln1.bias': ln1[1],
+                'attn.q.weight': q[0], 'attn.q.bias': q[1], 'attn.kv.weight': torch.cat([k[0], v[0]]),  # (2C, C)
+                'attn.proj.weight': o[0], 'attn.proj.bias': o[1] + o[0] @ v[1],
+                'ln2.weight': ln2[0], 'ln2.bias': ln2[1],
+                'mlp.fc.weight': fc[0], 'mlp.fc.bias': fc[1], 'mlp.out.weight': out[0], 'mlp.out.bias': out[1]}
+
 
 # -----------------------------------------------------------------------------
-# 2) The vision encoder: a plain ViT. The paper uses a frozen SigLIP; here it is trained from scratch.
+# 2) The vision encoder: a plain ViT. The paper uses a frozen SigLIP; here it is trained from scratch
+# by default, and pretrained CLIP or SigLIP weights load into the same module (pretrained_config,
+# vit_shape, pretrained_weights, load_vit; train_setok.py vit_init=DIR freeze_encoder=True). The three styles differ in
+# a few details, all of them options of this one class:
+#   nano    ours: fixed 2D sin-cos positions, no class token
+#   clip    OpenAI CLIP (Hugging Face CLIPVisionModel): a class token (dropped from the output),
+#           learned positions, a LayerNorm before the blocks, quick_gelu, no patch bias
+#   siglip  SigLIP (SiglipVisionModel): learned positions, no class token, GELU (tanh), eps 1e-6
+# The final LayerNorm is CLIP's / SigLIP's post_layernorm, applied to every patch.
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+VIT_STYLES = {
+    'nano':   dict(cls=False, learned_pos=False, ln_pre=False, patch_bias=True, act='gelu_tanh', eps=1e-5,
+                   mean=(0.5,) * 3, std=(0.25,) * 3),
+    'clip':   dict(cls=True, learned_pos=True, ln_pre=True, patch_bias=False, act='quick_gelu', eps=1e-5,
+                   mean=CLIP_MEAN, std=CLIP_STD),
+    'siglip': dict(cls=False, learned_pos=True, ln_pre=False, patch_bias=True, act='gelu_tanh', eps=1e-6,
+                   mean=(0.5,) * 3, std=(0.5,) * 3),
+}
+
 
 class ViT(nn.Module):
-    def __init__(self, image_size, patch_size, dim, depth, n_head):
+    def __init__(self, image_size, patch_size, dim, depth, n_head, style='nano', mlp_hidden=None, act=''):
         super().__init__()
-        self.grid = image_size // patch_size
-        self.patch = nn.Conv2d(3, dim, patch_size, patch_size)   # non-overlapping p x p patches
-        self.register_buffer('pos', pos_embed_2d(self.grid, self.grid, dim), persistent=False)
-        self.blocks = nn.ModuleList([Block(dim, n_head) for _ in range(depth)])
-        self.ln = nn.LayerNorm(dim)
+        s = VIT_STYLES[style]
+        self.grid, self.frozen = image_size // patch_size, False
+        self.patch = nn.Conv2d(3, dim, patch_size, patch_size, bias=s['patch_bias'])   # non-overlapping p x p patches
+        self.register_buffer('mean', torch.tensor(s['mean']).view(3, 1, 1), persistent=False)   # pixel normalisation
+        self.register_buffer('std', torch.tensor(s['std']).view(3, 1, 1), persistent=False)
+        self.cls = nn.Parameter(torch.zeros(dim)) if s['cls'] else None
+        if s['learned_pos']:                                      # (1 + N, C) with a class token, else (N, C)
+            self.pos = nn.Parameter(torch.randn(self.grid ** 2 + s['cls'], dim) * 0.02)
+        else:
+            self.register_buffer('pos', pos_embed_2d(self.grid, self.grid, dim), persistent=False)
+        self.ln_pre = nn.LayerNorm(dim, eps=s['eps']) if s['ln_pre'] else nn.Identity()
+        self.blocks = nn.ModuleList([Block(dim, n_head, mlp_hidden=mlp_hidden, act=act or s['act'], eps=s['eps'])
+                                     for _ in range(depth)])
+        self.ln = nn.LayerNorm(dim, eps=s['eps'])
 
     def forward(self, img):                                       # img (B, 3, H, W) in [0, 1]
-        x = self.patch((img - 0.5) / 0.25)                        # (B, C, H/p, W/p)
-        x = x.flatten(2).transpose(1, 2) + self.pos               # (B, N, C)
+        x = self.patch((img - self.mean) / self.std)              # (B, C, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2)                          # (B, N, C)
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], 1)   # (B, 1+N, C)
+        x = self.ln_pre(x + self.pos)
         for blk in self.blocks:
             x = blk(x)
-        return self.ln(x)                                         # (B, N, C)
+        x = self.ln(x)
+        return x[:, 1:] if self.cls is not None else x            # (B, N, C) patches only
+
+    def freeze(self):
+        """A fixed feature extractor, as the paper's frozen SigLIP: no gradients (so no optimizer
+        state and no stored activations), and eval mode that a later .train() leaves alone."""
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode=True):
+        return super().train(mode and not self.frozen)
+
+
+def pretrained_config(path):
+    """config.json of a Hugging Face model folder, as a dict (a one-line error when it is missing)."""
+    import json
+
+    from common import die
+    if not os.path.isdir(path):
+        die(f"pretrained weights {path}: no such folder; it should hold config.json and model.safetensors "
+            f"or pytorch_model.bin (e.g. huggingface-cli download MODEL --local-dir {path})")
+    try:
+        with open(os.path.join(path, 'config.json')) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        die(f"{path}/config.json is missing or unreadable ({type(e).__name__}); download the whole model folder")
+
+
+def pretrained_weights(path):
+    """The weights of a Hugging Face model folder -> {name: float32 tensor}: model.safetensors (when
+    the safetensors package is installed) or pytorch_model.bin, sharded ones (*.index.json) too."""
+    import json
+
+    from common import die
+    try:
+        import safetensors.torch
+    except ImportError:
+        safetensors = None
+    files = None
+    for name, ok in (('model.safetensors', safetensors is not None), ('pytorch_model.bin', True)):
+        index = os.path.join(path, name + '.index.json')
+        if ok and os.path.isfile(os.path.join(path, name)):
+            files = [name]
+        elif ok and os.path.isfile(index):
+            files = sorted(set(json.load(open(index))['weight_map'].values()))
+        if files:
+            break
+    if not files:
+        hint = (" (model.safetensors is there: pip install safetensors)" if safetensors is None
+                and os.path.isfile(os.path.join(path, 'model.safetensors')) else "")
+        die(f"{path} has no pytorch_model.bin or model.safetensors{hint}")
+    sd = {}
+    for name in files:
+        try:
+            sd.update(safetensors.torch.load_file(os.path.join(path, name)) if name.endswith('.safetensors')
+                      else torch.load(os.path.join(path, name), map_location='cpu', weights_only=True))
+        except Exception as e:
+            die(f"{path}/{name} is not a readable checkpoint ({type(e).__name__}); download it again")
+    return {k: v.float() for k, v in sd.items() if torch.is_tensor(v)}
+
+
+def pretrained_tensor(sd, key, path):
+    """sd[key], or a one-line error naming the checkpoint: it is not in the layout we read."""
+    if key not in sd:
+        from common import die
+        die(f"{path} has no tensor {key}; is it the right kind of model?")
+    return sd[key]
+
+
+def vit_shape(cfg, path=''):
+    """config.json of a CLIP / SigLIP model (the vision tower, or the whole two-tower model) -> the
+    SeTokConfig fields that fix the encoder: vit_style, dim, depth, n_head, patch_size, vit_mlp, vit_act.
+    Keys that config.json leaves out have Hugging Face's defaults."""
+    from common import die
+    style = {'clip': 'clip', 'clip_vision_model': 'clip', 'siglip': 'siglip',
+             'siglip_vision_model': 'siglip'}.get(cfg.get('model_type'))
+    if style is None:
+        die(f"{path}/config.json: model_type {cfg.get('model_type')!r} is not a CLIP or SigLIP vision model")
+    v = cfg.get('vision_config', cfg)
+    act = {'quick_gelu': 'quick_gelu', 'gelu': 'gelu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh'}.get(
+        v.get('hidden_act', 'quick_gelu' if style == 'clip' else 'gelu_pytorch_tanh'))
+    if act is None:
+        die(f"{path}/config.json: hidden_act {v['hidden_act']!r} is not one of quick_gelu, gelu, gelu_pytorch_tanh")
+    return {'vit_style': style, 'dim': v.get('hidden_size', 768), 'depth': v.get('num_hidden_layers', 12),
+            'n_head': v.get('num_attention_heads', 12), 'patch_size': v.get('patch_size', 32 if style == 'clip' else 16),
+            'vit_mlp': v.get('intermediate_size', 3072), 'vit_act': act}
+
+
+@torch.no_grad()
+def load_vit(vit, sd, path=''):
+    """CLIP / SigLIP vision weights (Hugging Face names, from pretrained_weights) into a ViT built with
+    their vit_shape. The learned positions are resized (bicubic) to our patch grid when the image
+    size differs from the one they were trained at."""
+    from common import die
+    sd = {k.split('vision_model.', 1)[1]: v for k, v in sd.items() if 'vision_model.' in k}   # no text tower
+    t = lambda k: pretrained_tensor(sd, k, path)
+    pair = lambda k: (t(k + '.weight'), t(k + '.bias'))
+    pos = t('embeddings.position_embedding.weight')                          # ((1 +) g0*g0, C)
+    head, pos = pos[:vit.pos.shape[0] - vit.grid ** 2], pos[vit.pos.shape[0] - vit.grid ** 2:]   # class row, grid rows
+    g0, C = int(round(pos.shape[0] ** 0.5)), pos.shape[1]
+    if g0 != vit.grid:
+        pos = F.interpolate(pos.T.reshape(1, C, g0, g0), size=(vit.grid, vit.grid), mode='bicubic',
+                            align_corners=False).reshape(C, -1).T           # (g*g, C)
+    out = {'patch.weight': t('embeddings.patch_embedding.weight'), 'pos': torch.cat([head, pos]),
+           'ln.weight': t('post_layernorm.weight'), 'ln.bias': t('post_layernorm.bias')}
+    if vit.patch.bias is not None:
+        out['patch.bias'] = t('embeddings.patch_embedding.bias')
+    if vit.cls is not None:
+        out['cls'] = t('embeddings.class_embedding')
+        out['ln_pre.weight'], out['ln_pre.bias'] = pair('pre_layrnorm')      # (sic: Hugging Face's spelling)
+    for i in range(len(vit.blocks)):
+        L = f'encoder.layers.{i}.'
+        blk = Block.pretrained_state(pair(L + 'layer_norm1'), pair(L + 'self_attn.q_proj'), pair(L + 'self_attn.k_proj'),
+                                     pair(L + 'self_attn.v_proj'), pair(L + 'self_attn.out_proj'),
+                                     pair(L + 'layer_norm2'), pair(L + 'mlp.fc1'), pair(L + 'mlp.fc2'))
+        out.update({f'blocks.{i}.{k}': v for k, v in blk.items()})
+    try:
+        vit.load_state_dict(out)                                            # strict: every weight is set
+    except RuntimeError as e:
+        die(f"{path} does not fit the encoder its config.json describes ({str(e).splitlines()[-1].strip()})")
 
 
 # -----------------------------------------------------------------------------
@@ -238,11 +415,11 @@ class TokenMerger(nn.Module):
         """The authors' way: loop over images and clusters, run the intra-cluster transformer on each
         cluster's patches alone. Kept as the reference the batched forward is tested against (and
         that bench.py times)."""
-        out = torch.zeros(x.shape[0], K, self.out.out_features)
+        out = x.new_zeros(x.shape[0], K, self.out.out_features)
         for b in range(x.shape[0]):
-            toks = []
+            xb, toks = x[b] + pos, []                                       # (N, C)
             for c in range(int(num_tokens[b])):
-                p = (x[b] + pos)[labels[b] == c][None]                      # (1, n_c, C)
+                p = xb[labels[b] == c][None]                                # (1, n_c, C)
                 for blk in self.intra:
                     p = blk(p)
                 toks.append(p.mean(1))
@@ -273,6 +450,9 @@ class SeTokConfig:
     min_tokens: int = 1
     max_tokens: int = 16
     grid_size: int = 3        # tokens per side for tokenizer='grid'
+    vit_style: str = 'nano'   # the encoder: nano (ours) | clip | siglip (set by train_setok.py's vit_init)
+    vit_mlp: int = 0          # its MLP width (0: 4 * dim)
+    vit_act: str = ''         # its MLP nonlinearity ('': the style's, see ACTS)
 
 
 class SeTok(nn.Module):
@@ -281,7 +461,8 @@ class SeTok(nn.Module):
         assert cfg.tokenizer in ('setok', 'grid', 'patch'), f"unknown tokenizer {cfg.tokenizer}"
         self.cfg = cfg
         self.grid = cfg.image_size // cfg.patch_size
-        self.encoder = ViT(cfg.image_size, cfg.patch_size, cfg.dim, cfg.depth, cfg.n_head)
+        self.encoder = ViT(cfg.image_size, cfg.patch_size, cfg.dim, cfg.depth, cfg.n_head, cfg.vit_style,
+                           cfg.vit_mlp or None, cfg.vit_act)
         self.merger = TokenMerger(cfg.dim, cfg.n_head, cfg.token_dim, cfg.intra_depth, cfg.inter_depth)
         self.register_buffer('pos', pos_embed_2d(self.grid, self.grid, cfg.dim), persistent=False)
 

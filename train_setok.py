@@ -6,6 +6,14 @@ concept text encoder, with   loss = recon_weight * reconstruction + contrast_wei
     torchrun --nproc_per_node=8 train_setok.py config=full
     python train_setok.py config=small init_from=resume   # continue exactly where it stopped
     python train_setok.py config=small eval_only=True     # metrics + picture panel of a checkpoint
+    torchrun --nproc_per_node=8 train_setok.py config=full data_dirs=data/cc3m/world,data/refcoco/world \
+        data_weights=0.9,0.1 num_workers=8               # converted real data (data/*/prepare.py), streamed
+
+With data_dirs the images are streamed (data.loader.StreamingLoader: decoded, squared to image_size
+and their concepts tokenised in num_workers processes; each DDP rank reads its own shard; the loader's
+position is in the checkpoint, so init_from=resume goes on at the exact sample). Images without
+concepts (caption and LLaVA worlds) add nothing to the contrastive loss; eval reports PSNR alone when
+the val images have no instance maps.
 
 Every module-level value below is a setting, overridable as key=value on the command line.
 """
@@ -22,15 +30,20 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (HERE, cluster_overlay, configure, die, gather_all, load_checkpoint, lr_at, pick_device,
-                    rng_state, save_checkpoint, save_panel, set_rng_state, setup_ddp, to_uint8)
+from common import (HERE, cluster_overlay, configure, die, gather_all, load_checkpoint, load_weights, lr_at, pick_device,
+                    rng_state, save_checkpoint, save_panel, set_rng_state, setup_ddp, timed_step, to_uint8)
 from detok import DetokConfig, Detokenizer, detok_loss, psnr
-from setok import SeTok, SeTokConfig, TextEncoder, concept_contrastive_loss, grid_labels
+from setok import (SeTok, SeTokConfig, TextEncoder, concept_contrastive_loss, grid_labels, load_vit, pretrained_config,
+                   pretrained_weights, vit_shape)
 
 # -----------------------------------------------------------------------------
 # settings
 out_dir = 'out/setok'
 data_dir = 'data/shapes/world'    # prepared automatically when missing
+data_dirs = []                    # real worlds (data/captions, data/llava, data/refcoco, data/editing), streamed;
+                                  # [] = data_dir, read into memory. The first world's tokenizer.model is used
+data_weights = []                 # a mixture over data_dirs: one weight each ([] = every image once per epoch)
+num_workers = 4                   # image-decoding processes of the streaming loader (0: in the main process)
 init_from = 'scratch'             # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 eval_only = False
 eval_interval = 500
@@ -56,11 +69,18 @@ cluster_pos_weight = 1.0
 min_tokens = 1
 max_tokens = 16
 grid_size = 3
+# the encoder: from scratch, or pretrained CLIP / SigLIP weights (a Hugging Face folder: config.json +
+# model.safetensors or pytorch_model.bin), whose config.json then fixes dim, depth, n_head, patch_size
+# and the vit_ settings (SeTokConfig)
+vit_init = ''                     # '' = from scratch | path to the folder
+freeze_encoder = False            # the paper's frozen encoder: no gradients, eval mode, not in the optimizer
+vit_style = 'nano'                # nano | clip | siglip
+vit_mlp = 0                       # encoder MLP width (0: 4 * dim)
+vit_act = ''                      # encoder MLP nonlinearity ('': the style's)
 # detokenizer (DetokConfig with a dec_ prefix)
-dec_patch_size = 8
-dec_dim = 128
-dec_depth = 4
-dec_n_head = 4
+dec_patch_size = 4
+dec_dim = 64
+dec_depth = 3
 # concept text encoder
 text_dim = 128
 text_depth = 2
@@ -70,6 +90,7 @@ concept_len = 8                   # subword ids per concept
 recon_weight = 1.0
 contrast_weight = 1.0
 grad_weight = 1.0                 # weight of the edge (finite-difference) term in the recon loss
+geo_weight = 1.0                  # weight of the detokenizer's token-geometry loss (centre/spread of each cluster)
 # optimiser
 learning_rate = 1e-3
 max_iters = 5000
@@ -85,6 +106,7 @@ device = 'auto'                   # auto | cpu | cuda | cuda:1 | mps
 dtype = 'auto'                    # auto (bf16 on capable GPUs, else float32) | float32 | bfloat16
 compile = 'auto'                  # auto: on for CUDA | True | False
 threads = 0                       # CPU threads (0: torch's default)
+smoke = False                     # the model at the preset's shapes: its parameters, one step on random data
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -99,7 +121,7 @@ def setok_config(cfg):
 
 def detok_config(cfg):
     return DetokConfig(image_size=cfg['image_size'], patch_size=cfg['dec_patch_size'], token_dim=cfg['token_dim'],
-                       dim=cfg['dec_dim'], depth=cfg['dec_depth'], n_head=cfg['dec_n_head'])
+                       dim=cfg['dec_dim'], depth=cfg['dec_depth'])
 
 
 class Tokenizer(nn.Module):
@@ -112,30 +134,83 @@ class Tokenizer(nn.Module):
         self.text = TextEncoder(vocab_size, cfg['text_dim'], cfg['text_depth'], cfg['n_head'], setok_cfg.token_dim,
                                 max_len=cfg['concept_len'])
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))   # CLIP's init, temperature 0.07
-        self.w = (cfg['recon_weight'], cfg['contrast_weight'], cfg['grad_weight'])
+        self.w = (cfg['recon_weight'], cfg['contrast_weight'], cfg['grad_weight'], cfg['geo_weight'])
 
     def forward(self, img, concept_ids, concept_valid):
         tokens, token_mask, labels = self.setok(img)                        # (B,K,D), (B,K), (B,N)
         recon = self.detok(tokens, token_mask)                              # (B,3,H,W)
         rec_loss, mse = detok_loss(recon.float(), img, self.w[2])
+        geo_loss = self.detok.geometry_loss(tokens, token_mask, labels, self.setok.grid)
         B, P, L = concept_ids.shape
         concepts = self.text(concept_ids.view(B * P, L)).view(B, P, -1)     # (B,P,D)
         # in-batch negatives come from every DDP rank (identity on one process)
         con_loss = concept_contrastive_loss(gather_all(tokens), gather_all(token_mask, grad=False),
                                             gather_all(concepts), gather_all(concept_ids, grad=False),
                                             gather_all(concept_valid, grad=False), self.logit_scale)
-        loss = self.w[0] * rec_loss + self.w[1] * con_loss
-        return loss, {'mse': mse.detach(), 'contrast': con_loss.detach(), 'tokens': token_mask.sum(1).float().mean()}
+        loss = self.w[0] * rec_loss + self.w[1] * con_loss + self.w[3] * geo_loss
+        return loss, {'mse': mse.detach(), 'contrast': con_loss.detach(), 'geo': geo_loss.detach(), 'tokens': token_mask.sum(1).float().mean()}
 
 
 def encode_concepts(sp, records, P, L, pad=3):
     """Each record's concepts -> ids (N, P, L) long padded with `pad`, valid (N, P) bool."""
     ids = torch.full((len(records), P, L), pad, dtype=torch.long)
     for i, r in enumerate(records):
-        for j, c in enumerate(r['concepts'][:P]):
+        for j, c in enumerate(r.get('concepts', ())[:P]):   # a real world may have none
             t = sp.encode(c)[:L]
             ids[i, j, :len(t)] = torch.tensor(t)
     return ids, (ids != pad).any(-1)
+
+
+class ConceptIds:
+    """The streaming loader's transform: one record's concepts -> {'concept_ids': (P, L), 'concept_valid':
+    (P,)}, computed in the loader's workers (each loads the sentencepiece model once). A record without
+    concepts (caption and LLaVA worlds have none) gets no valid slot: concept_contrastive_loss then
+    has no positive for that image and it adds nothing to the contrastive term."""
+
+    def __init__(self, model_file, P, L):
+        self.model_file, self.P, self.L, self.sp = model_file, P, L, None
+
+    def __getstate__(self):                          # workers started by spawn load the model themselves
+        return {**self.__dict__, 'sp': None}
+
+    def __call__(self, rec):
+        if self.sp is None:
+            import sentencepiece as spm
+            self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        ids, valid = encode_concepts(self.sp, [rec], self.P, self.L)
+        return {'concept_ids': ids[0], 'concept_valid': valid[0]}
+
+
+def streamed_data(dirs, sp_file, rank, world, master, cuda):
+    """data_dirs: a StreamingLoader over their train splits (this rank's shard; images squared to
+    image_size and concept ids made in the workers), and on rank 0 the eval set, held in memory as
+    load_split's: the first eval_images of a seeded shuffle of their val images (test where no world
+    has val; None where none has either), with 'instances' only when every one has a map and objects."""
+    from data.loader import StreamingLoader, world_splits
+    loader = StreamingLoader(dirs, 'train', image_size, batch_size, weights=data_weights, rank=rank, world=world,
+                             seed=seed, workers=num_workers, pin_memory=cuda,
+                             transform=ConceptIds(sp_file, max_concepts, concept_len))
+    have = []
+    for split in ('val', 'test'):
+        have = [d for d in dirs if split in world_splits(d)[1]]
+        if have:
+            break
+    if not master or not have or not eval_images:
+        return loader, None
+    got, n = [], 0
+    for b in StreamingLoader(have, split, image_size, batch_size, seed=seed, workers=num_workers, instances=True):
+        got.append(b)
+        n += len(b['index'])
+        if n >= eval_images:
+            break
+    records = [r for b in got for r in b['record']][:eval_images]
+    val = {'images': torch.cat([b['image'] for b in got])[:eval_images].permute(0, 2, 3, 1).contiguous(),  # (N, S, S, 3)
+           'records': records}
+    if all(r.get('instances') and r.get('objects') for r in records):
+        val['instances'] = torch.cat([b['instances'] for b in got])[:eval_images]   # (N, S, S)
+    print(f"eval: {len(records)} {split} images of {len(have)} world(s)"
+          + ('' if 'instances' in val else ', without instance maps: PSNR and tokens only'), flush=True)
+    return loader, val
 
 
 def patch_gt(instances, grid, n_obj):
@@ -176,25 +251,40 @@ def spearman(a, b):
 @torch.no_grad()
 def evaluate(model, sp, val, concept_vocab, cfg, ctx, dev, panel_path=None):
     """Reconstruction PSNR, mean best IoU (SeTok vs the grid baseline at the same mean token count),
-    Spearman(tokens, objects), concept retrieval accuracy; and a picture panel."""
+    Spearman(tokens, objects), concept retrieval accuracy; and a picture panel. Without instance maps
+    (val has no 'instances': real images of a caption or LLaVA world) PSNR and tokens per image only."""
+    if not val:
+        return {}
     model.eval()
-    setok, n = model.setok, len(val['images'])
-    n_obj = int(val['instances'].max())
-    vocab_ids, _ = encode_concepts(sp, [{'concepts': concept_vocab}], len(concept_vocab), cfg['concept_len'])
-    vocab_emb = torch.nn.functional.normalize(model.text(vocab_ids[0].to(dev)).float(), dim=-1)  # (V, D)
-    name_to_idx = {c: i for i, c in enumerate(concept_vocab)}
+    setok, n, full = model.setok, len(val['images']), 'instances' in val
+    if full:
+        n_obj = int(val['instances'].max())
+        vocab_ids, _ = encode_concepts(sp, [{'concepts': concept_vocab}], len(concept_vocab), cfg['concept_len'])
+        vocab_emb = torch.nn.functional.normalize(model.text(vocab_ids[0].to(dev)).float(), dim=-1)  # (V, D)
+        name_to_idx = {c: i for i, c in enumerate(concept_vocab)}
     ps, ious, masks, ntok, nobj, hits, total, grid_ious = [], [], [], [], [], 0, 0, []
     for i in range(0, n, cfg['batch_size']):
         img = val['images'][i:i + cfg['batch_size']].to(dev).permute(0, 3, 1, 2).float() / 255
-        inst = val['instances'][i:i + cfg['batch_size']].to(dev)
+        inst = val['instances'][i:i + cfg['batch_size']].to(dev) if full else None
         with ctx:
             tokens, token_mask, labels = setok(img)
             recon = model.detok(tokens, token_mask)
         ps.append(psnr(recon.float(), img))
+        ntok.append(token_mask.sum(1))
+        if panel_path and i == 0:
+            k = min(8, len(img))
+            rows = [[to_uint8(img[j], 4) for j in range(k)],
+                    [cluster_overlay(img[j], labels[j], 4) for j in range(k)],
+                    [to_uint8(recon[j].float(), 4) for j in range(k)]]
+            text = [[''] * k, [f'{int(token_mask[j].sum())} tokens' for j in range(k)],
+                    [f'{ps[-1][j]:.1f} dB' for j in range(k)]]
+            save_panel(rows, panel_path, text)
+        if not full:
+            continue
         gt = patch_gt(inst, setok.grid, n_obj)
         iou, m = best_iou(gt, labels, n_obj, setok.max_tokens)
         ious.append(iou[m]); masks.append(m)
-        ntok.append(token_mask.sum(1)); nobj.append(inst.flatten(1).amax(1))
+        nobj.append(inst.flatten(1).amax(1))
         # concept retrieval: the token of each object's best cluster, nearest concept in the vocabulary
         oh_g = torch.nn.functional.one_hot(gt, n_obj + 1)[..., 1:].float()
         oh_c = torch.nn.functional.one_hot(labels, setok.max_tokens).float()
@@ -206,16 +296,13 @@ def evaluate(model, sp, val, concept_vocab, cfg, ctx, dev, panel_path=None):
             for o, obj in enumerate(rec['objects']):
                 if m[b, o]:
                     total += 1
-                    hits += int(pred[b, o].item() == name_to_idx.get(obj['concept'], -1))
-        if panel_path and i == 0:
-            k = min(8, len(img))
-            rows = [[to_uint8(img[j], 4) for j in range(k)],
-                    [cluster_overlay(img[j], labels[j], 4) for j in range(k)],
-                    [to_uint8(recon[j].float(), 4) for j in range(k)]]
-            text = [[''] * k, [f'{int(token_mask[j].sum())} tokens' for j in range(k)],
-                    [f'{ps[-1][j]:.1f} dB' for j in range(k)]]
-            save_panel(rows, panel_path, text)
-    ntok, nobj = torch.cat(ntok).cpu(), torch.cat(nobj).cpu()
+                    name = obj.get('concept', obj.get('category'))      # RefCOCO's objects: a category
+                    hits += int(pred[b, o].item() == name_to_idx.get(name, -1))
+    ntok = torch.cat(ntok).cpu()
+    if not full:
+        model.train()
+        return {'psnr': torch.cat(ps).mean().item(), 'tokens': ntok.float().mean().item()}
+    nobj = torch.cat(nobj).cpu()
     # the grid baseline at the same mean number of tokens: g x g cells, g = round(sqrt(mean tokens))
     g = max(1, round(ntok.float().mean().sqrt().item()))
     for i in range(0, n, cfg['batch_size']):
@@ -231,8 +318,63 @@ def evaluate(model, sp, val, concept_vocab, cfg, ctx, dev, panel_path=None):
 
 
 def fmt(m):
+    if not m:
+        return "no val or test images in data_dirs: eval skipped"
+    if 'miou' not in m:
+        return (f"psnr {m['psnr']:.2f} dB | tokens {m['tokens']:.2f} | (no instance maps in the val images: "
+                f"IoU, Spearman and retrieval skipped)")
     return (f"psnr {m['psnr']:.2f} dB | mean best IoU {m['miou']:.3f} (grid {m['grid_miou']:.3f} @ {m['grid_tokens']} tok)"
             f" | tokens {m['tokens']:.2f} | spearman {m['spearman']:.3f} | retrieval {m['retrieval']:.3f}")
+
+
+# -----------------------------------------------------------------------------
+# building the model: a pretrained, frozen encoder (vit_init, freeze_encoder), and smoke=True
+
+VIT_KEYS = ('vit_style', 'vit_mlp', 'vit_act')
+SMOKE_TEXT_VOCAB = 32000          # smoke=True reads no world: a typical sentencepiece size for real captions
+
+
+def build_model(scfg, dcfg, vocab_size, ck=None):
+    """Tokenizer(...) with vit_init's weights in its encoder (unless a checkpoint `ck` brings all the
+    weights) and the encoder frozen when freeze_encoder is set."""
+    model = Tokenizer(scfg, dcfg, vocab_size, config)
+    if ck is not None:
+        mine, theirs = asdict(scfg), {**asdict(SeTokConfig()), **ck['setok_config']}
+        if any(mine[k] != theirs[k] for k in VIT_KEYS):
+            die(f"the checkpoint's encoder is {', '.join(f'{k}={theirs[k]!r}' for k in VIT_KEYS)}, here "
+                f"{', '.join(f'{k}={mine[k]!r}' for k in VIT_KEYS)}; pass the vit_init it was trained with")
+    elif vit_init:
+        load_vit(model.setok.encoder, pretrained_weights(vit_init), vit_init)
+    if freeze_encoder:
+        model.setok.encoder.freeze()
+    return model
+
+
+def smoke_test(scfg, dcfg, dev, ctx):
+    """smoke=True: the model at the preset's shapes, its parameters per component, and one optimizer
+    step on random images and concept ids (no world needed). On a GPU at the real batch size, with the
+    step time and the peak memory of a second step (the first one warms up); on a CPU on 1 image."""
+    model = build_model(scfg, dcfg, SMOKE_TEXT_VOCAB).to(dev)
+    parts = {'encoder': model.setok.encoder, 'merger': model.setok.merger, 'detok': model.detok, 'text': model.text}
+    count = lambda ps: sum(p.numel() for p in ps) / 1e6
+    trainable = count(p for p in model.parameters() if p.requires_grad)
+    print(' | '.join(f"{k} {count(m.parameters()):.2f}M" for k, m in parts.items()) +
+          f" | total {count(model.parameters()):.2f}M, trainable {trainable:.2f}M (encoder {scfg.vit_style}"
+          f"{', frozen' if freeze_encoder else ''}; text vocabulary {SMOKE_TEXT_VOCAB})", flush=True)
+    cuda = dev.startswith('cuda')
+    B = batch_size if cuda else 1
+    img = torch.rand(B, 3, image_size, image_size, device=dev)
+    ids = torch.randint(4, SMOKE_TEXT_VOCAB, (B, max_concepts, concept_len), device=dev)
+    valid = torch.ones(B, max_concepts, dtype=torch.bool, device=dev)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    use_compile = str(compile).lower() in ('true', '1', 'yes') or (compile == 'auto' and cuda)
+    fwd = torch.compile(model) if use_compile else model
+
+    loss, stats, dt, mem = timed_step(lambda: fwd(img, ids, valid), opt, ctx, dev)
+    print(f"smoke: one optimizer step on {B} random {image_size}px image{'s' * (B > 1)} "
+          f"({stats['tokens'].item():.1f} tokens each): "
+          f"loss {loss:.4f}, {dt:.2f} s" + (f", peak memory {mem:.2f} GiB" if mem is not None else '') +
+          f" | device {dev} {ptdtype}", flush=True)
 
 
 if __name__ == '__main__':
@@ -245,6 +387,17 @@ if __name__ == '__main__':
     out = os.path.join(HERE, out_dir) if not os.path.isabs(out_dir) else out_dir
     ckpt_path = os.path.join(out, 'ckpt.pt')
 
+    # ---- a pretrained encoder: its config.json fixes the encoder's shape (build_model loads the weights)
+    if vit_init:
+        shape = vit_shape(pretrained_config(vit_init), vit_init)
+        config.update(shape)
+        globals().update(shape)
+        if master:
+            print(f"encoder: {vit_init} ({', '.join(f'{k}={v}' for k, v in shape.items())})")
+    if smoke:
+        smoke_test(setok_config(config), detok_config(config), dev, ctx)
+        sys.exit(0)
+
     # ---- a checkpoint to resume from is checked first, before any data is loaded
     scfg, dcfg = setok_config(config), detok_config(config)
     ck = None
@@ -255,54 +408,76 @@ if __name__ == '__main__':
         if mine != theirs:
             diff = ', '.join(f"{k}={theirs[k]} (here {mine[k]})" for k in mine if mine[k] != theirs.get(k))
             die(f"{ckpt_path} has another model shape: {diff}; use the config it was trained with")
+        if not eval_only and bool(data_dirs) != ('data' in ck):            # the data order must go on as it was
+            die(f"{ckpt_path} was trained on {'streamed worlds (data_dirs)' if 'data' in ck else 'data_dir in memory'}; "
+                f"resume it with the same data settings")
     elif init_from != 'scratch':
         die(f"init_from={init_from}: expected scratch or resume")
 
-    # ---- data: the shapes world is prepared on first use (rank 0 only, the others wait)
-    from data.loader import load_split
-    from data.shapes.prepare import prepare
-    world_dir = data_dir if os.path.isabs(data_dir) else os.path.join(HERE, data_dir)
-    if master and not os.path.exists(os.path.join(world_dir, 'meta.json')):
-        prepare(data_dir=world_dir, image_size=image_size)             # first run: make the shapes world
-    if ddp:
-        torch.distributed.barrier()
+    # ---- data: real worlds (data_dirs) streamed, or the shapes world (data_dir) read into memory,
+    # prepared on first use (rank 0 only, the others wait)
     import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(world_dir, 'tokenizer.model'))
-    train = load_split(world_dir, 'train')
-    val = load_split(world_dir, 'val')
-    if train['images'].shape[1] != image_size:
-        die(f"{world_dir} holds {train['images'].shape[1]}px images but image_size={image_size}; prepare a world of that size (data_dir=...)")
-    train_img = torch.from_numpy(train['images'])                          # (N, H, W, 3) uint8
-    train_ids, train_valid = encode_concepts(sp, train['records'], max_concepts, concept_len)
-    val = {'images': torch.from_numpy(val['images'][:eval_images]), 'instances': torch.from_numpy(val['instances'][:eval_images]),
-           'records': val['records'][:eval_images]}
-    concept_vocab = sorted({c for r in train['records'] for c in r['concepts']})
+    from data.loader import as_list, resolve_world
+    stream = [resolve_world(d) for d in as_list(data_dirs)]
+    world_dir = stream[0] if stream else data_dir if os.path.isabs(data_dir) else os.path.join(HERE, data_dir)
+    if not stream:
+        from data.loader import load_split
+        from data.shapes.prepare import prepare
+        if master and not os.path.exists(os.path.join(world_dir, 'meta.json')):
+            prepare(data_dir=world_dir, image_size=image_size)         # first run: make the shapes world
+        if ddp:
+            torch.distributed.barrier()
+    # the text tokenizer: the checkpoint's (its text encoder knows those ids), else the (first) world's
+    sp_file = ck['tokenizer_model'] if ck is not None and os.path.isfile(ck.get('tokenizer_model', '')) else \
+        os.path.join(world_dir, 'tokenizer.model')
+    if not os.path.isfile(sp_file):
+        die(f"{world_dir} has no tokenizer.model; prepare (or convert) the world again")
+    sp = spm.SentencePieceProcessor(model_file=sp_file)
+    if stream:
+        loader, val = streamed_data(stream, sp_file, rank, world, master,
+                                    dev.startswith('cuda'))
+        n_train = len(loader.dataset)
+        concept_vocab = sorted({c for r in (val or {}).get('records', ()) for c in r.get('concepts', ())})
+    else:
+        train = load_split(world_dir, 'train')
+        val = load_split(world_dir, 'val')
+        if train['images'].shape[1] != image_size:
+            die(f"{world_dir} holds {train['images'].shape[1]}px images but image_size={image_size}; prepare a world of that size (data_dir=...)")
+        train_img = torch.from_numpy(train['images'])                      # (N, H, W, 3) uint8
+        n_train = len(train_img)
+        train_ids, train_valid = encode_concepts(sp, train['records'], max_concepts, concept_len)
+        val = {'images': torch.from_numpy(val['images'][:eval_images]), 'instances': torch.from_numpy(val['instances'][:eval_images]),
+               'records': val['records'][:eval_images]}
+        concept_vocab = sorted({c for r in train['records'] for c in r['concepts']})
 
     # ---- model, optimiser, (resumed) state
-    model = Tokenizer(scfg, dcfg, sp.get_piece_size(), config).to(dev)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    model = build_model(scfg, dcfg, sp.get_piece_size(), ck).to(dev)
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]      # a frozen encoder is not trained
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
                             lr=learning_rate, betas=(beta1, beta2))
     step = 0
     if ck is not None:
-        model.load_state_dict(ck['model'])
+        load_weights(model, ck['model'], ckpt_path)
         opt.load_state_dict(ck['optimizer'])
         step = ck['step']
         set_rng_state(ck['rng'])
+        if stream and not eval_only:
+            loader.load_state_dict(ck['data'])                             # the next batch is the one that was due
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
     n_params = sum(p.numel() for p in model.setok.parameters())
     if master:
         print(f"SeTok {n_params / 1e6:.2f}M params, detok {sum(p.numel() for p in model.detok.parameters()) / 1e6:.2f}M, "
-              f"text {sum(p.numel() for p in model.text.parameters()) / 1e6:.2f}M | {len(train_img)} train images | "
+              f"text {sum(p.numel() for p in model.text.parameters()) / 1e6:.2f}M | {n_train} train images"
+              f"{f' in {len(stream)} streamed world(s)' if stream else ''} | "
               f"device {dev} {ptdtype} | {world} process(es)")
 
     def save(step):
         save_checkpoint({'kind': 'setok', 'model': model.state_dict(), 'optimizer': opt.state_dict(), 'step': step,
                          'rng': rng_state(), 'config': config, 'setok_config': asdict(scfg), 'detok_config': asdict(dcfg),
-                         'tokenizer_model': os.path.join(world_dir, 'tokenizer.model'), 'concept_vocab': concept_vocab},
-                        ckpt_path)
+                         'tokenizer_model': sp_file, 'concept_vocab': concept_vocab,
+                         **({'data': loader.state_dict()} if stream else {})}, ckpt_path)
 
     if eval_only:
         if master:
@@ -316,20 +491,37 @@ if __name__ == '__main__':
         from torch.nn.parallel import DistributedDataParallel as DDP
         fwd = DDP(fwd, device_ids=[int(os.environ['LOCAL_RANK'])] if dev.startswith('cuda') else None)
 
-    # ---- data order: a fixed permutation per epoch from the seed, so a step number alone says which
-    # images it sees (exact resume), and rank r takes its slice of the global batch (DDP == 1 process)
-    N, global_batch = len(train_img), batch_size * world * grad_accum
-    @functools.lru_cache(maxsize=2)
-    def epoch_perm(e):
-        return torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1000 + e))
+    # ---- data order. In memory: a fixed permutation per epoch from the seed, so a step number alone
+    # says which images it sees (exact resume), and rank r takes its slice of the global batch (DDP ==
+    # 1 process). Streamed: each rank reads its own shard; the loader's position, saved in the
+    # checkpoint, says which images come next.
+    global_batch = batch_size * world * grad_accum
+    if stream:
+        batches = loader.batches()
 
-    def batch_indices(step, micro):
-        idx = step * global_batch + (micro * world + rank) * batch_size + torch.arange(batch_size)
-        epoch, pos = idx // N, idx % N                                      # a batch spans <= 2 epochs
-        out = torch.empty_like(idx)
-        for e in epoch.unique().tolist():
-            out[epoch == e] = epoch_perm(e)[pos[epoch == e]]
-        return out
+        def next_batch(step, micro):
+            b = next(batches)
+            return (b['image'].to(dev, non_blocking=True).float() / 255,    # (B, 3, H, W) in [0, 1]
+                    b['concept_ids'].to(dev), b['concept_valid'].to(dev))   # (B, P, L), (B, P)
+    else:
+        N = len(train_img)
+
+        @functools.lru_cache(maxsize=2)
+        def epoch_perm(e):
+            return torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1000 + e))
+
+        def batch_indices(step, micro):
+            idx = step * global_batch + (micro * world + rank) * batch_size + torch.arange(batch_size)
+            epoch, pos = idx // N, idx % N                                  # a batch spans <= 2 epochs
+            out = torch.empty_like(idx)
+            for e in epoch.unique().tolist():
+                out[epoch == e] = epoch_perm(e)[pos[epoch == e]]
+            return out
+
+        def next_batch(step, micro):
+            idx = batch_indices(step, micro)
+            return (train_img[idx].to(dev).permute(0, 3, 1, 2).float() / 255,  # (B, 3, H, W) in [0, 1]
+                    train_ids[idx].to(dev), train_valid[idx].to(dev))
 
     total = lr_decay_iters or max_iters
     bar = tqdm(total=max_iters, initial=step, disable=not master, desc='train_setok', dynamic_ncols=True)
@@ -339,11 +531,10 @@ if __name__ == '__main__':
         for g in opt.param_groups:
             g['lr'] = lr
         for micro in range(grad_accum):
-            idx = batch_indices(step, micro)
-            img = train_img[idx].to(dev).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
+            img, ids, valid = next_batch(step, micro)
             sync = not ddp or micro == grad_accum - 1
             with ctx, (fwd.no_sync() if not sync else nullcontext()):
-                loss, stats = fwd(img, train_ids[idx].to(dev), train_valid[idx].to(dev))
+                loss, stats = fwd(img, ids, valid)
                 (loss / grad_accum).backward()
         if not torch.isfinite(loss):
             die(f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint is {ckpt_path}: "

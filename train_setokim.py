@@ -10,6 +10,16 @@ conversations. SeTok and its detokenizer are frozen.
     python train_setokim.py config=small init_from=resume  # continue exactly where it stopped
     python train_setokim.py config=small eval_only=True    # test-split metrics of the latest checkpoint
     torchrun --nproc_per_node=8 train_setokim.py config=full
+    torchrun --nproc_per_node=8 train_setokim.py config=full text_tokenizer=gpt2 num_workers=8 \
+        data_dirs=data/cc3m/world,data/llava/world,data/refcoco/world,data/magicbrush/world
+
+With data_dirs (worlds converted from real data by data/*/prepare.py) nothing is cached: the
+conversations are streamed (each DDP rank its own shard, the loader's position in the checkpoint),
+their images decoded in num_workers processes and tokenised by the frozen SeTok inside the training
+step, all of a micro-batch's images in one call. Tasks: caption, vqa, refer, t2i, edit and chat
+(LLaVA's multi-turn conversations, a loss on every gpt turn); conversations of other tasks are
+counted and skipped with a warning; ones longer than block_size are cut there (counted, warned).
+Eval is then the teacher-forced losses on the worlds' val split (test where there is no val).
 
 Stage 1 (multimodal pretraining): captioning (image -> text) and text-to-image (text -> image).
 Stage 2 (instruction tuning), initialised from stage 1: the whole mix (captioning, VQA, referring
@@ -31,6 +41,7 @@ Every module-level value below is a setting, overridable as key=value on the com
 """
 import ast
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -43,23 +54,34 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HERE, configure, die, load_checkpoint, lr_at, pick_device, rng_state, save_checkpoint,
-                    save_panel, set_rng_state, setup_ddp, to_uint8)
-from setokim import (SETOKIM, Bank, GPTConfig, TextTokenizer, collate, encode_conversation, loss_counts, pack,
-                     reading_order, visual_tokens)
+from common import (HERE, configure, die, load_checkpoint, load_preset, lr_at, pick_device, rng_state, save_checkpoint,
+                    save_panel, set_rng_state, setup_ddp, timed_step, to_uint8)
+from setok import SeTokConfig, pretrained_config, pretrained_weights
+from setokim import (SETOKIM, Bank, GPTConfig, TextTokenizer, collate, encode_conversation, gpt2_shape, load_gpt2,
+                     loss_counts, pack, reading_order, tiktoken_gpt2, visual_tokens)
+from data.loader import ImageError, WorldDataset, _load_with_map, line_tasks, load_image
 
 # -----------------------------------------------------------------------------
 # settings
 out_dir = 'out/setok'             # the SeTok run's folder (train_setok.py's out_dir)
 data_dir = 'data/shapes/world'    # prepared automatically when missing
+data_dirs = []                    # real worlds (data/captions, data/llava, data/refcoco, data/editing): their
+                                  # conversations streamed, their images tokenised by the frozen SeTok inside the
+                                  # training step (no token cache). [] = data_dir. The first world's tokenizer.model
+data_weights = []                 # a mixture over data_dirs: one weight each ([] = every conversation once per epoch)
+num_workers = 4                   # image-decoding and tokenising processes of the streaming loader (0: none)
 setok_ckpt = ''                   # '' = out_dir/ckpt.pt, what train_setok.py writes
 tokenizer = 'setok'               # setok | grid | patch: swaps ONLY the visual tokenizer (load_setok override)
 grid_size = 0                     # tokens per side for tokenizer=grid (0: the SeTok checkpoint's)
 run_name = ''                     # '' = setokim for tokenizer=setok, else setokim_<tokenizer>
 stage = 0                         # 0: stage 1 then stage 2 | 1 | 2
-init_from = 'scratch'             # scratch | resume (from run_name/stage{1,2}.pt)
+init_from = 'scratch'             # scratch | resume (from run_name/stage{1,2}.pt) | gpt2-local (GPT-2's weights
+                                  # from gpt2_dir; its config.json then fixes the llm_ shape) | a GPT-2 folder
+gpt2_dir = 'pretrained/gpt2'      # Hugging Face GPT-2 folder: config.json + model.safetensors or pytorch_model.bin
+text_tokenizer = 'sentencepiece'  # sentencepiece (the world's tokenizer.model) | gpt2 (tiktoken's GPT-2 BPE)
 eval_only = False
 llm_eval_interval = 500           # eval + checkpoint every this many steps (and at the end of a stage)
 eval_per_task = 200               # test conversations per task used by eval (0: all)
@@ -101,12 +123,16 @@ device = 'auto'                   # auto | cpu | cuda | cuda:1 | mps
 dtype = 'auto'                    # auto (bf16 on capable GPUs, else float32) | float32 | bfloat16
 compile = 'auto'                  # auto: on for CUDA | True | False
 threads = 0                       # CPU threads (0: torch's default)
+smoke = False                     # the model at the preset's shapes: its parameters, one step of each stage on random data
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
 TASKS = ('caption', 'vqa', 'refer', 't2i', 'edit')
 KINDS = ('count', 'attribute', 'existence', 'relation')
 STAGE_TASKS = {1: ('caption', 't2i'), 2: TASKS}
+STREAM_TASKS = TASKS + ('chat',)  # data_dirs may also hold LLaVA's multi-turn chats (a loss on every gpt turn)
+STREAM_STAGE_TASKS = {1: ('caption', 't2i'), 2: STREAM_TASKS}
+NORM_IMAGES = 1024                # data_dirs: SeTok tokens of this many train images set SETOKIM's token statistics
 CACHE_VERSION = 1                 # bump when what the cache holds changes
 NO_FORWARD = {'init_from', 'eval_only', 'tokenizer', 'grid_size'}   # never passed on to train_setok.py
 
@@ -159,6 +185,16 @@ def cache_file(setok_path, overrides, world_dir):
 
 
 @torch.no_grad()
+def setok_rows(setok, img, ctx):
+    """SeTok on images (b, 3, H, W) in [0, 1] -> on the CPU: their real tokens in reading order, image
+    after image (sum of counts, D) float, the token count of each (b,), patch labels (b, N) int16."""
+    with ctx:
+        t, m, lab = setok(img)                                              # (b,K,D), (b,K), (b,N)
+    t, m, lab = reading_order(t.float(), m, lab, setok.grid)
+    return t[m].cpu(), m.sum(1).cpu(), lab.short().cpu()
+
+
+@torch.no_grad()
 def build_split_cache(setok, world_dir, split, dev, ctx):
     """SeTok on every image of a split (sources, then their edit targets), in reading order."""
     from data.loader import load_png, load_split
@@ -170,12 +206,10 @@ def build_split_cache(setok, world_dir, split, dev, ctx):
     toks, ntok, labels = [], [], []
     for i in tqdm(range(0, len(images), cache_batch_size), desc=f'SeTok tokens ({split})', dynamic_ncols=True):
         img = torch.from_numpy(images[i:i + cache_batch_size]).to(dev).permute(0, 3, 1, 2).float() / 255
-        with ctx:
-            t, m, lab = setok(img)                                          # (b,K,D), (b,K), (b,N)
-        t, m, lab = reading_order(t.float(), m, lab, setok.grid)
-        toks.append(t[m].half().cpu())                                      # (sum of real tokens, D)
-        ntok.append(m.sum(1).cpu())
-        labels.append(lab.short().cpu())
+        t, n, lab = setok_rows(setok, img, ctx)
+        toks.append(t.half())                                               # (sum of real tokens, D)
+        ntok.append(n)
+        labels.append(lab)
     ntok = torch.cat(ntok)
     out = {'tokens': torch.cat(toks), 'off': ntok.cumsum(0) - ntok, 'ntok': ntok, 'labels': torch.cat(labels),
            'instances': torch.from_numpy(data['instances']),
@@ -228,6 +262,112 @@ def conversations(world_dir, split, tok, cache, vis_id):
 
 def make_bank(c):
     return Bank(tokens=c['tokens'], off=c['off'], ntok=c['ntok'], labels=c['labels'], instances=c['instances'])
+
+
+# -----------------------------------------------------------------------------
+# data_dirs: conversations streamed, their images tokenised by SeTok inside the training step
+#
+# A worker reads a conversation, tokenises its text with ONE visual slot per image (SeTok's token
+# count of the image is not known yet: ref 0 marks the input image, ref 1 the image the model writes)
+# and decodes its images. The training step runs SeTok on all the batch's images at once, and
+# widen() repeats each slot as many times as its image has tokens; from there on the batch is the
+# token cache's: pack() and collate() over a Bank of this batch's images.
+
+class Conversations(WorldDataset):
+    """One split of one or more worlds, one conversation ({split}_instruct.jsonl) per item, only
+    those of `tasks` (the lines of other tasks are left out of the index; `unknown` counts the lines
+    whose task this script does not know). An item: 'enc' (encode_conversation's lists, one slot per
+    image), 'source' / 'target' uint8 (3, S, S) when the conversation has them, and for 'refer' the
+    source's 'instances' (S, S). A conversation whose image is unreadable is replaced by the next."""
+
+    def __init__(self, dirs, split, image_size, tasks, text_model, vis_id):
+        super().__init__(dirs, split, image_size, suffix='_instruct')
+        self.text_model, self.vis_id, self.tok, self.unknown = text_model, vis_id, None, Counter()
+        for w, path in enumerate(self.paths):
+            names = line_tasks(path, self.lines[w][0])                       # (n,) str, no JSON parsing
+            self.unknown.update(names[~np.isin(names, STREAM_TASKS)].tolist())
+            keep = np.isin(names, tasks)
+            self.lines[w] = (self.lines[w][0][keep], self.lines[w][1][keep])
+        self.sizes = [len(starts) for starts, _ in self.lines]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+
+    def __getstate__(self):                          # workers started by spawn load the tokenizer themselves
+        return {**super().__getstate__(), 'tok': None}
+
+    def _load(self, w, k):
+        where = f"{self.paths[w]} (the conversation at byte {int(self.lines[w][0][k])})"
+        try:
+            rec = json.loads(self._line(w, k))
+            self.tok = self.tok or TextTokenizer(self.text_model)
+            enc = encode_conversation(self.tok, rec['conversations'], lambda is_out: (int(is_out), 1), self.vis_id)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ImageError(f"{where} is not a conversation record ({type(e).__name__})") from None
+        item = {'enc': enc}
+        for slot, key, name in ((0, 'image', 'source'), (1, 'target_image', 'target')):
+            if slot not in enc[1]:
+                continue
+            if not rec.get(key):
+                raise ImageError(f"{where} shows an image but names no {key}")
+            path = os.path.join(self.dirs[w], rec[key])
+            if name == 'source' and rec['task'] == 'refer':
+                if not rec.get('instances'):
+                    raise ImageError(f"{where} is a refer conversation without 'instances'")
+                item['source'], item['instances'] = _load_with_map(path, os.path.join(self.dirs[w], rec['instances']),
+                                                                   self.image_size)
+            else:
+                item[name] = load_image(path, self.image_size)
+        item['mask_id'] = int(rec.get('mask_id', 0))
+        return rec, item
+
+
+def collate_conversations(samples):
+    """Conversations items -> one batch: the encodings end to end (ids, ref, ans, out (L,); length (B,)),
+    the images stacked, sources then targets (images (M, 3, S, S) uint8; src, tgt (B,): each
+    conversation's row, -1 for none), the sources' instance maps (n_src, S, S) (zeros but for refer),
+    mask_id (B,). Runs in the workers."""
+    for s in samples:
+        if 'fatal' in s:
+            return {'fatal': s['fatal']}
+    enc = [s['enc'] for s in samples]
+    flat = lambda j, dt: torch.from_numpy(np.fromiter(itertools.chain.from_iterable(e[j] for e in enc), dt))
+    has = {k: [i for i, s in enumerate(samples) if k in s] for k in ('source', 'target')}
+    rows = {k: torch.full((len(samples),), -1, dtype=torch.long) for k in has}
+    rows['source'][has['source']] = torch.arange(len(has['source']))
+    rows['target'][has['target']] = len(has['source']) + torch.arange(len(has['target']))
+    images = [samples[i][k] for k in has for i in has[k]]
+    S = images[0].shape[-1] if images else 1
+    return {'ids': flat(0, np.int64), 'ref': flat(1, np.int64), 'ans': flat(2, np.bool_), 'out': flat(3, np.bool_),
+            'length': torch.tensor([len(e[0]) for e in enc]), 'src': rows['source'], 'tgt': rows['target'],
+            'images': torch.stack(images) if images else torch.zeros(0, 3, S, S, dtype=torch.uint8),
+            'instances': torch.stack([samples[i].get('instances', torch.zeros(S, S, dtype=torch.uint8))
+                                      for i in has['source']]) if has['source'] else torch.zeros(0, S, S, dtype=torch.uint8),
+            'mask_id': torch.tensor([s['mask_id'] for s in samples]), 'index': torch.tensor([s['index'] for s in samples]),
+            'skipped': [r for s in samples for r in s['skipped']]}
+
+
+def widen(b, ntok, off, seg_id, max_len):
+    """One slot per image -> each image's ntok slots, vectorised: position t of the batch is repeated
+    n_t times (n_t = its image's token count at a visual slot, else 1), and the k-th copy of a slot
+    refers to row off + k of the batch's Bank. Conversations longer than max_len are cut there.
+    Returns (Packed, number cut)."""
+    L, B = b['length'], len(b['length'])
+    conv = torch.arange(B).repeat_interleave(L)                             # (T,) owner of each position
+    img = torch.where(b['ref'] == 0, b['src'][conv], b['tgt'][conv])
+    img = torch.where(b['ref'] >= 0, img, -1)                               # (T,) Bank image of a slot, -1 text
+    n = F.pad(ntok, (0, 1), value=1)[img]                                   # (T,) copies; img -1 reads the pad
+    pos = torch.arange(int(n.sum()))                                        # (T',) widened positions
+    first = (n.cumsum(0) - n).repeat_interleave(n)                          # (T',) start of its run
+    img_w = img.repeat_interleave(n)
+    ref = torch.where(img_w >= 0, F.pad(off, (0, 1))[img_w] + pos - first, -1)
+    conv_w = conv.repeat_interleave(n)
+    length = torch.zeros(B, dtype=torch.long).index_add_(0, conv, n)        # (B,) widened lengths
+    keep = pos - (length.cumsum(0) - length)[conv_w] < max_len              # (T',) within max_len
+    cols = [x[keep].numpy() for x in (b['ids'].repeat_interleave(n), ref, b['ans'].repeat_interleave(n),
+                                      b['out'].repeat_interleave(n))]
+    cut = length.clamp(max=max_len)
+    bounds = cut.cumsum(0)[:-1].numpy()
+    enc = list(zip(*(np.split(c, bounds) for c in cols)))                   # per conversation, for pack()
+    return pack(enc, b['src'], b['mask_id'], seg_id), int((length > max_len).sum())
 
 
 # -----------------------------------------------------------------------------
@@ -379,6 +519,8 @@ def evaluate(model, detok, tok, test, records, tasks, gcfg, ctx, dev, max_image_
 
 
 def fmt(m):
+    if not m:
+        return 'no held-out conversations of these tasks: eval skipped'
     parts = [f"test ce {m['test_ce']:.3f} reg {m['test_reg']:.3f}" + (f" mask {m['test_mask']:.3f}" if 'test_mask' in m else '')]
     if 'vqa' in m:
         parts.append(f"VQA {m['vqa']:.3f} (" + ' '.join(f"{k} {m[f'vqa_{k}']:.2f}" for k in KINDS if f'vqa_{k}' in m) + ')')
@@ -400,18 +542,133 @@ def peak_flops(dev):
 
 
 # -----------------------------------------------------------------------------
+# building the model (from scratch or from GPT-2's weights), and smoke=True
+
+def preset_names():
+    """The presets named on the command line (config=NAME), in order."""
+    return [raw[0].split('=', 1)[1] if '=' in raw[0] else raw[-1] for k, raw in argv_pairs(sys.argv[1:]) if k == 'config']
+
+
+def pretrained_dir():
+    """The GPT-2 folder init_from asks for ('' for scratch / resume)."""
+    if init_from in ('scratch', 'resume'):
+        return ''
+    path = gpt2_dir if init_from == 'gpt2-local' else init_from
+    if not os.path.isdir(path):
+        die(f"init_from={init_from}: {path} is not a folder; expected scratch, resume, gpt2-local (GPT-2 in gpt2_dir="
+            f"{gpt2_dir}) or a GPT-2 folder (huggingface-cli download openai-community/gpt2 config.json model.safetensors "
+            f"--local-dir {gpt2_dir})")
+    return path
+
+
+def gpt_config(tok, scfg, shape):
+    """GPTConfig for text tokenizer `tok`, SeTok's config `scfg` and the LLM shape (n_layer, n_head, n_embd)."""
+    return GPTConfig(vocab_size=tok.vocab_size + 1, block_size=block_size, **shape, token_dim=scfg.token_dim,
+                     grid=scfg.image_size // scfg.patch_size, image_size=scfg.image_size, mask_dim=mask_dim,
+                     mask_depth=mask_depth, mask_n_head=mask_n_head, mask_refine=mask_refine, img_id=tok.img,
+                     img_end_id=tok.img_end, seg_id=tok.seg, eos_id=tok.eos, pad_id=tok.pad)
+
+
+def build_model(gcfg, pretrained, log=True):
+    """SETOKIM with a random GPT, or GPT-2's weights in it (init_from=gpt2-local or a folder)."""
+    torch.manual_seed(seed)
+    model = SETOKIM(gcfg)
+    if pretrained:
+        n_pos = load_gpt2(model.gpt, pretrained_weights(pretrained), pretrained)
+        if log:
+            print(f"GPT-2 weights from {pretrained}" + (f"; positions {n_pos}..{block_size - 1} start random (GPT-2 has "
+                  f"{n_pos})" if block_size > n_pos else ''), flush=True)
+    return model
+
+
+class SmokeText:
+    """smoke=True's stand-in for TextTokenizer: the id layout of text_tokenizer (n text ids, then the
+    special tokens and pad, as tiktoken's) without any file; encode('17 42 [SEG]') -> [17, 42, seg]."""
+
+    def __init__(self, n):
+        self.special = {s: n + k for k, s in enumerate(TextTokenizer.SPECIAL)}
+        self.img, self.img_end, self.seg, self.user, self.assistant = self.special.values()
+        self.eos, self.pad, self.vocab_size = n - 1, n + len(self.special), n + len(self.special) + 1
+
+    def encode(self, text):
+        return [self.special.get(w) or int(w) for w in text.split()]
+
+
+SMOKE_TEXT_VOCAB = {'gpt2': 50257, 'sentencepiece': 32000}   # GPT-2's BPE; a typical size for real captions
+SMOKE_TURNS = {'caption': ('<image> {w}', '{w}'), 't2i': ('{w}', '<image>'), 'vqa': ('<image> {w}', '{w}'),
+               'refer': ('<image> {w}', '[SEG]'), 'edit': ('<image> {w}', '<image>')}   # (human, gpt) turns
+
+
+def smoke_test(dev, ctx, shape, pretrained):
+    """smoke=True: SETOKIM at the preset's shapes, its parameters per component, and one optimizer
+    step of each stage on random conversations (random words of 40 ids, every image with SeTok's
+    most tokens, random token vectors and labels): no world and no SeTok checkpoint needed. SeTok's
+    shape (token width, patch grid, tokens per image) comes from the presets on the command line.
+    On a GPU at the real batch size, with the time and peak memory of a second step (the first one
+    warms up); on a CPU on one conversation of each task of the stage."""
+    preset = {}
+    for name in preset_names():
+        preset.update(load_preset(name))
+    scfg = SeTokConfig(**{k: v for k, v in preset.items() if k in SeTokConfig.__dataclass_fields__})
+    tok = SmokeText(SMOKE_TEXT_VOCAB[text_tokenizer])
+    gcfg = gpt_config(tok, scfg, shape)
+    model = build_model(gcfg, pretrained).to(dev)
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    print(f"GPT {count(model.gpt):.2f}M ({model.gpt.num_params() / 1e6:.2f}M without position embeddings; vocabulary "
+          f"{gcfg.vocab_size}: text {text_tokenizer}, specials, pad, VIS) | in_proj {count(model.in_proj):.2f}M | "
+          f"out_proj {count(model.out_proj):.2f}M | mask decoder {count(model.mask_decoder):.2f}M | "
+          f"total {count(model):.2f}M", flush=True)
+    cuda = dev.startswith('cuda')
+    N, D = gcfg.grid ** 2, scfg.token_dim
+    K = {'setok': scfg.max_tokens, 'grid': (grid_size or scfg.grid_size) ** 2, 'patch': N}[tokenizer]   # SeTok's most
+    g = torch.Generator().manual_seed(seed)
+    words = lambda: ' '.join(map(str, torch.randint(0, tok.eos, (40,), generator=g).tolist()))
+    use_compile = str(compile).lower() in ('true', '1', 'yes') or (compile == 'auto' and cuda)
+    fwd = torch.compile(model, dynamic=True) if use_compile else model
+    for s in (1, 2):
+        B = llm_batch_size if cuda else len(STAGE_TASKS[s])                 # on a CPU: one conversation per task
+        bank = Bank(tokens=torch.randn(2 * B * K, D, generator=g).half(), off=torch.arange(2 * B) * K,
+                    ntok=torch.full((2 * B,), K), labels=torch.randint(0, K, (2 * B, N), generator=g).short(),
+                    instances=torch.randint(0, 3, (2 * B, scfg.image_size, scfg.image_size), generator=g).byte())
+        tasks = [STAGE_TASKS[s][i % len(STAGE_TASKS[s])] for i in range(B)]   # conversation i: images 2i (in), 2i+1 (out)
+        enc = [encode_conversation(tok, [{'from': 'human', 'value': SMOKE_TURNS[t][0].format(w=words())},
+                                         {'from': 'gpt', 'value': SMOKE_TURNS[t][1].format(w=words())}],
+                                   lambda out, i=i: ((2 * i + out) * K, K), gcfg.vis_id) for i, t in enumerate(tasks)]
+        P = pack(enc, torch.arange(B) * 2, [int(t == 'refer') for t in tasks], tok.seg)
+        if int(P.length.max()) > block_size:
+            die(f"smoke: a conversation has {int(P.length.max())} tokens, more than block_size={block_size}")
+        b = {k: v.to(dev) for k, v in collate(P, bank, torch.arange(B), gcfg).items()}
+        opt = torch.optim.AdamW(model.parameters(), lr=llm_learning_rate)
+        loss, st, dt, mem = timed_step(lambda: fwd(b), opt, ctx, dev)
+        print(f"smoke stage {s} ({', '.join(STAGE_TASKS[s])}): one optimizer step on {B} random conversations of up to "
+              f"{int(P.length.max())} tokens ({K} per image; {st['n_ce']} text, {st['n_reg']} visual and {st['n_seg']} "
+              f"mask targets): loss {loss:.4f}, {dt:.2f} s"
+              + (f", peak memory {mem:.2f} GiB" if mem is not None else '') + f" | device {dev} {ptdtype}", flush=True)
+
+
+# -----------------------------------------------------------------------------
 if __name__ == '__main__':
     if tokenizer not in ('setok', 'grid', 'patch'):
         die(f"tokenizer={tokenizer}: expected setok, grid or patch")
     if stage not in (0, 1, 2):
         die(f"stage={stage}: expected 0 (both), 1 or 2")
-    if init_from not in ('scratch', 'resume'):
-        die(f"init_from={init_from}: expected scratch or resume")
+    if text_tokenizer not in ('sentencepiece', 'gpt2'):
+        die(f"text_tokenizer={text_tokenizer}: expected sentencepiece or gpt2")
+    pretrained = pretrained_dir()                  # '' or the GPT-2 folder init_from names
+    if pretrained and text_tokenizer != 'gpt2':
+        die(f"init_from={init_from}: GPT-2's weights only know GPT-2's BPE ids; add text_tokenizer=gpt2")
+    llm_shape = (gpt2_shape(pretrained_config(pretrained)) if pretrained else
+                 {'n_layer': llm_n_layer, 'n_head': llm_n_head, 'n_embd': llm_n_embd})
     ddp, rank, world, dev = setup_ddp(device)
     dev, ptdtype, ctx = pick_device(dev, dtype)
     master = rank == 0
     if threads:
         torch.set_num_threads(threads)
+    if smoke:
+        smoke_test(dev, ctx, llm_shape, pretrained)
+        sys.exit(0)
+    if text_tokenizer == 'gpt2':
+        tiktoken_gpt2()                            # before any work: a one-line error when it is not cached
     out = out_dir if os.path.isabs(out_dir) else os.path.join(HERE, out_dir)
     setok_path = setok_ckpt or os.path.join(out, 'ckpt.pt')
     setok_path = setok_path if os.path.isabs(setok_path) else os.path.join(HERE, setok_path)
@@ -431,8 +688,7 @@ if __name__ == '__main__':
 
     # ---- the frozen SeTok: trained first for config=small when missing
     if not os.path.isfile(setok_path):
-        presets = [raw[0].split('=', 1)[1] if '=' in raw[0] else raw[-1] for k, raw in argv_pairs(sys.argv[1:]) if k == 'config']
-        if setok_ckpt or 'small' not in presets:
+        if setok_ckpt or 'small' not in preset_names():
             die(f"SeTok checkpoint {setok_path} not found; train one first (python train_setok.py config=... "
                 f"out_dir={out_dir}) or pass setok_ckpt=PATH")
         if master:
@@ -445,56 +701,139 @@ if __name__ == '__main__':
     for p in [*setok.parameters(), *detok.parameters()]:
         p.requires_grad_(False)
 
-    # ---- the world, the text tokenizer, SeTok's tokens of every image (cached), the conversations
-    from data.shapes.prepare import prepare
-    world_dir = data_dir if os.path.isabs(data_dir) else os.path.join(HERE, data_dir)
-    if master and not os.path.exists(os.path.join(world_dir, 'meta.json')):
-        prepare(data_dir=world_dir, image_size=setok.cfg.image_size)
-    if ddp:
-        torch.distributed.barrier()
+    # ---- the world, the text tokenizer, SeTok's tokens of every image (cached), the conversations;
+    # or, with data_dirs, the text tokenizer of the first world (the conversations stream in train_stage)
+    from data.loader import StreamingLoader, as_list, resolve_world, world_splits
+    stream = [resolve_world(d) for d in as_list(data_dirs)]
+    world_dir = stream[0] if stream else data_dir if os.path.isabs(data_dir) else os.path.join(HERE, data_dir)
+    if not stream:
+        from data.shapes.prepare import prepare
+        if master and not os.path.exists(os.path.join(world_dir, 'meta.json')):
+            prepare(data_dir=world_dir, image_size=setok.cfg.image_size)
+        if ddp:
+            torch.distributed.barrier()
     tok_path = os.path.join(world_dir, 'tokenizer.model')
-    tok = TextTokenizer(tok_path)
-    cache, cache_path = token_cache(setok, setok_path, overrides, world_dir, dev, ctx, master, ddp)
-    if cache['test']['images'].shape[1] != setok.cfg.image_size:
-        die(f"{world_dir} holds {cache['test']['images'].shape[1]}px images but the SeTok checkpoint wants "
-            f"{setok.cfg.image_size}px; use the world it was trained on (data_dir=...)")
+    tok = TextTokenizer(tok_path if text_tokenizer == 'sentencepiece' else 'tiktoken:gpt2')
     vis_id = tok.vocab_size                        # the extra vocabulary row: "a visual token follows"
     t0 = time.time()
-    train = conversations(world_dir, 'train', tok, cache['train'], vis_id)
-    test = conversations(world_dir, 'test', tok, cache['test'], vis_id)
-    train['bank'], test['bank'] = make_bank(cache['train']), make_bank(cache['test'])
-    test['images'] = cache['test']['images']
-    with open(os.path.join(world_dir, 'test.jsonl')) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    longest = max(int(train['P'].length.max()), int(test['P'].length.max()))
-    if longest > block_size:
-        die(f"the longest conversation has {longest} tokens with tokenizer={tokenizer}, more than block_size={block_size}; "
-            f"raise block_size")
+    if not stream:
+        cache, cache_path = token_cache(setok, setok_path, overrides, world_dir, dev, ctx, master, ddp)
+        if cache['test']['images'].shape[1] != setok.cfg.image_size:
+            die(f"{world_dir} holds {cache['test']['images'].shape[1]}px images but the SeTok checkpoint wants "
+                f"{setok.cfg.image_size}px; use the world it was trained on (data_dir=...)")
+        train = conversations(world_dir, 'train', tok, cache['train'], vis_id)
+        test = conversations(world_dir, 'test', tok, cache['test'], vis_id)
+        train['bank'], test['bank'] = make_bank(cache['train']), make_bank(cache['test'])
+        test['images'] = cache['test']['images']
+        with open(os.path.join(world_dir, 'test.jsonl')) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        longest = max(int(train['P'].length.max()), int(test['P'].length.max()))
+        if longest > block_size:
+            die(f"the longest conversation has {longest} tokens with tokenizer={tokenizer}, more than block_size={block_size}; "
+                f"raise block_size")
+    else:
+        cache_path = None                          # no token cache: SeTok runs inside the training step
+
+    def stream_loader(split, tasks, dirs, batch, seed_, rank_=0, world_=1, weights=None):
+        """A StreamingLoader over the conversations of `tasks` in `split` of `dirs` (this rank's shard);
+        a world without any gets weight 0. None when there is none at all."""
+        ds = Conversations(dirs, split, setok.cfg.image_size, tasks, tok.model, vis_id)
+        if ds.unknown and master and not warned:
+            warned.append(True)
+            print(f"warning: skipped {sum(ds.unknown.values())} {split} conversations of tasks this script does not "
+                  f"know: {', '.join(f'{t or chr(39) * 2} {n}' for t, n in ds.unknown.most_common())} (it knows "
+                  f"{', '.join(STREAM_TASKS)})", file=sys.stderr, flush=True)
+        if not len(ds):
+            return None
+        weights = [w if n else 0.0 for w, n in zip(as_list(weights, float), ds.sizes)] if weights else None
+        return StreamingLoader(None, batch_size=batch, weights=weights, rank=rank_, world=world_, seed=seed_,
+                               workers=num_workers, pin_memory=dev.startswith('cuda'), dataset=ds,
+                               collate_fn=collate_conversations)
+    warned = []
+
+    def stream_batch(b):
+        """A streamed batch -> (the model's batch on dev, its loss counts (n_ce, n_reg, n_seg), the number
+        of conversations cut at block_size): SeTok tokenises all its images in one call, widen() gives
+        each visual slot its image's token count, and collate() pads it as for the token cache."""
+        toks, ntok, labels = (torch.zeros(0, setok.cfg.token_dim), torch.zeros(0, dtype=torch.long),
+                              torch.zeros(0, setok.grid ** 2, dtype=torch.int16))    # a batch without images
+        if len(b['images']):
+            toks, ntok, labels = setok_rows(setok, b['images'].to(dev, non_blocking=True).float() / 255, ctx)
+        bank = Bank(tokens=toks, off=ntok.cumsum(0) - ntok, ntok=ntok, labels=labels, instances=b['instances'])
+        P, cut = widen(b, ntok, bank.off, tok.seg, block_size)
+        rows = torch.arange(len(P.length))
+        return {k: v.to(dev) for k, v in collate(P, bank, rows, gcfg).items()}, loss_counts(P, rows), cut
+
+    @torch.no_grad()
+    def stream_token_stats():
+        """SeTok's per-channel token mean and std over the first NORM_IMAGES train images of a seeded
+        shuffle (every rank sees the same ones), and those images' token counts."""
+        s1 = s2 = 0.0
+        counts = []
+        for b in StreamingLoader(stream, 'train', setok.cfg.image_size, cache_batch_size, seed=seed, workers=num_workers):
+            t, n, _ = setok_rows(setok, b['image'].to(dev).float() / 255, ctx)
+            s1, s2 = s1 + t.double().sum(0), s2 + t.double().pow(2).sum(0)
+            counts.append(n)
+            if sum(map(len, counts)) >= NORM_IMAGES:
+                break
+        nt = torch.cat(counts).float()
+        M = nt.sum()
+        mean = s1 / M
+        return mean.float(), ((s2 - M * mean ** 2) / (M - 1)).clamp_min(0).sqrt().float(), nt
+
+    @torch.no_grad()
+    def stream_eval(tasks):
+        """data_dirs: the teacher-forced test losses (text CE per answer token, regression per visual token,
+        mask per sample) of the first eval_per_task * len(tasks) conversations (0: all) of a seeded shuffle
+        of the held-out split: val, else test, of the worlds that have one. The generation metrics of
+        evaluate() (VQA, caption F1, masks, t2i/edit PSNR) need the shapes world's ground truth."""
+        split = next((sp for sp in ('val', 'test') if any(sp in world_splits(d)[1] for d in stream)), None)
+        loader = split and stream_loader(split, tasks, [d for d in stream if split in world_splits(d)[1]],
+                                         eval_batch_size, seed)
+        if loader is None:
+            return {}
+        model.eval()
+        sums, n, want = torch.zeros(6), 0, eval_per_task * len(tasks) or len(loader.dataset)
+        for b in loader:
+            bb, _, _ = stream_batch(b)
+            with ctx:
+                _, st = model(bb)
+            sums += torch.tensor([st['ce'].item(), st['reg'].item(), st['mask'].item(), st['n_ce'], st['n_reg'], st['n_seg']])
+            n += len(b['length'])
+            if n >= want:
+                break
+        model.train()
+        m = dict(zip(('test_ce', 'test_reg'), (sums[:2] / sums[3:5].clamp_min(1)).tolist()), split=split, conversations=n)
+        if sums[5] > 0:
+            m['test_mask'] = (sums[2] / sums[5]).item()
+        return m
 
     # ---- the model
-    gcfg = GPTConfig(vocab_size=tok.vocab_size + 1, block_size=block_size, n_layer=llm_n_layer, n_head=llm_n_head,
-                     n_embd=llm_n_embd, token_dim=setok.cfg.token_dim, grid=setok.grid, image_size=setok.cfg.image_size,
-                     mask_dim=mask_dim, mask_depth=mask_depth, mask_n_head=mask_n_head, mask_refine=mask_refine,
-                     img_id=tok.img, img_end_id=tok.img_end, seg_id=tok.seg, eos_id=tok.eos, pad_id=tok.pad)
-    torch.manual_seed(seed)
-    model = SETOKIM(gcfg)
-    bank_tokens = train['bank'].tokens.float()
-    model.tok_mean.copy_(bank_tokens.mean(0))
-    model.tok_std.copy_(bank_tokens.std(0).clamp_min(1e-3))
+    gcfg = gpt_config(tok, setok.cfg, llm_shape)
+    model = build_model(gcfg, pretrained, log=master)
+    if stream:
+        mean, std, nt = stream_token_stats()
+    else:
+        bank_tokens = train['bank'].tokens.float()
+        mean, std, nt = bank_tokens.mean(0), bank_tokens.std(0), train['bank'].ntok.float()
+    model.tok_mean.copy_(mean)
+    model.tok_std.copy_(std.clamp_min(1e-3))
     model.to(dev)
-    nt = train['bank'].ntok.float()
     if master:
+        data_line = (f"conversations streamed from {len(stream)} world(s), SeTok tokens made on the fly" if stream else
+                     f"{len(train['convs'])} train / {len(test['convs'])} test conversations, longest {longest} tokens "
+                     f"(prepared in {time.time() - t0:.0f}s)")
         print(f"SETOKIM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params (GPT {model.gpt.num_params() / 1e6:.2f}M "
-              f"non-embedding) | tokenizer {tokenizer}: {nt.mean():.2f} tokens/image (min {int(nt.min())}, max {int(nt.max())}) | "
-              f"{len(train['convs'])} train / {len(test['convs'])} test conversations, longest {longest} tokens "
-              f"(prepared in {time.time() - t0:.0f}s) | device {dev} {ptdtype} | {world} process(es)")
+              f"non-embedding) | tokenizer {tokenizer}: {nt.mean():.2f} tokens/image (min {int(nt.min())}, max {int(nt.max())}"
+              f"{f' over {len(nt)} train images' if stream else ''}) | {data_line} | device {dev} {ptdtype} | {world} process(es)")
 
-    def save(s, step, opt):
+    def save(s, step, opt, data=None):
         save_checkpoint({'kind': 'setokim', 'stage': s, 'step': step, 'model': model.state_dict(),
                          'optimizer': opt.state_dict(), 'rng': rng_state(), 'config': config,
-                         'gpt_config': asdict(gcfg), 'text_tokenizer': tok_path, 'setok_ckpt': setok_path,
+                         'gpt_config': asdict(gcfg), 'text_tokenizer': tok.model, 'setok_ckpt': setok_path,
                          'setok_overrides': overrides, 'setok_config': asdict(setok.cfg),
-                         'detok_config': asdict(detok.cfg), 'token_cache': cache_path},
+                         'detok_config': asdict(detok.cfg), 'token_cache': cache_path,
+                         **({'data': data} if data is not None else {})},     # the streaming loader's position
                         ckpt_path[s])
 
     def load_weights(path, what):
@@ -513,11 +852,12 @@ if __name__ == '__main__':
         if master:
             s = have[0]
             ck = load_weights(ckpt_path[s], 'SETOKIM checkpoint')
-            m = evaluate(model, detok, tok, test, records, TASKS, gcfg, ctx, dev, setok.max_tokens,
+            m = stream_eval(STREAM_STAGE_TASKS[s]) if stream else \
+                evaluate(model, detok, tok, test, records, TASKS, gcfg, ctx, dev, setok.max_tokens,
                          os.path.join(run_dir, 'samples.png'))
             report(s, m)
-            print(f"eval stage {s} step {ck['step']} | {fmt(m)}\nwrote {os.path.join(run_dir, 'eval.json')}, "
-                  f"{os.path.join(run_dir, 'samples.png')}")
+            print(f"eval stage {s} step {ck['step']} | {fmt(m)}\nwrote {os.path.join(run_dir, 'eval.json')}"
+                  + ('' if stream else f", {os.path.join(run_dir, 'samples.png')}"))
         sys.exit(0)
 
     use_compile = str(compile).lower() in ('true', '1', 'yes') or (compile == 'auto' and dev.startswith('cuda'))
@@ -529,17 +869,19 @@ if __name__ == '__main__':
 
     def train_stage(s):
         max_iters = stage1_max_iters if s == 1 else stage2_max_iters
-        rows_all = torch.isin(train['task'], torch.tensor([TASKS.index(t) for t in STAGE_TASKS[s]])).nonzero()[:, 0]
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         opt = torch.optim.AdamW([{'params': decay, 'weight_decay': llm_weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
                                 lr=llm_learning_rate, betas=(llm_beta1, llm_beta2))
-        step = 0
+        step, ck = 0, None
         if init_from == 'resume' and os.path.isfile(ckpt_path[s]):
             ck = load_weights(ckpt_path[s], f'stage {s} checkpoint')
             opt.load_state_dict(ck['optimizer'])
             step = ck['step']
             set_rng_state(ck['rng'])
+            if bool(stream) != ('data' in ck):
+                die(f"{ckpt_path[s]} was trained on {'streamed worlds (data_dirs)' if 'data' in ck else 'data_dir'}; "
+                    f"resume it with the same data settings")
             if master:
                 print(f"stage {s}: resumed from {ckpt_path[s]} at step {step}")
         elif s == 2:
@@ -551,22 +893,53 @@ if __name__ == '__main__':
                 print(f"stage {s}: already at step {step} >= {max_iters}, nothing to do")
             return
 
-        # data order: a fixed permutation of the stage's conversations per epoch, from (seed, stage,
-        # epoch); a step number alone says which conversations it sees (exact resume), and rank r
-        # takes its slices of the global batch (DDP == 1 process)
-        N, G = len(rows_all), llm_batch_size * world * llm_grad_accum
-        perms = {}
+        # each loss term is a mean over the GLOBAL batch: its sum on a micro-batch divided by the global
+        # count (over world, since DDP averages gradients over processes). step_batches(step) -> the
+        # micro-batches of this rank, on dev, and those counts.
+        if stream:
+            # streamed: each rank reads its shard of the stage's conversations; the loader's position
+            # (in the checkpoint) says which come next; the counts are known once SeTok has run, and
+            # summed over ranks
+            loader = stream_loader('train', STREAM_STAGE_TASKS[s], stream, llm_batch_size, seed * 10 + s, rank, world,
+                                   data_weights)
+            if loader is None:
+                die(f"stage {s} trains on {', '.join(STREAM_STAGE_TASKS[s])} conversations and data_dirs has none; "
+                    f"add a world that has them" + (" (a captions world: data/captions/prepare.py)" if s == 1 else ''))
+            if ck is not None:
+                loader.load_state_dict(ck['data'])
+            batches, cut = loader.batches(), [0]
 
-        def global_rows(step):
-            i = step * G + torch.arange(G)
-            epoch, pos = i // N, i % N
-            out_ = torch.empty_like(i)
-            for e in epoch.unique().tolist():                               # a step spans <= 2 epochs
-                if e not in perms:
-                    perms.clear()
-                    perms[e] = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1000003 + s * 10007 + e))
-                out_[epoch == e] = perms[e][pos[epoch == e]]
-            return rows_all[out_]
+            def step_batches(step):
+                got = [stream_batch(next(batches)) for _ in range(llm_grad_accum)]
+                counts = torch.tensor([sum(c[j] for _, c, _ in got) for j in range(3)], dtype=torch.float64, device=dev)
+                if ddp:
+                    torch.distributed.all_reduce(counts)
+                cut[0] += sum(n for _, _, n in got)
+                return [b for b, _, _ in got], tuple(max(1, n) / world for n in counts.tolist())
+        else:
+            # in memory: a fixed permutation of the stage's conversations per epoch, from (seed, stage,
+            # epoch); a step number alone says which conversations it sees (exact resume), and rank r
+            # takes its slices of the global batch (DDP == 1 process)
+            rows_all = torch.isin(train['task'], torch.tensor([TASKS.index(t) for t in STAGE_TASKS[s]])).nonzero()[:, 0]
+            N, G = len(rows_all), llm_batch_size * world * llm_grad_accum
+            perms = {}
+
+            def global_rows(step):
+                i = step * G + torch.arange(G)
+                epoch, pos = i // N, i % N
+                out_ = torch.empty_like(i)
+                for e in epoch.unique().tolist():                           # a step spans <= 2 epochs
+                    if e not in perms:
+                        perms.clear()
+                        perms[e] = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1000003 + s * 10007 + e))
+                    out_[epoch == e] = perms[e][pos[epoch == e]]
+                return rows_all[out_]
+
+            def step_batches(step):
+                rows = global_rows(step)
+                norm = tuple(max(1, n) / world for n in loss_counts(train['P'], rows))
+                mine = [rows[(micro * world + rank) * llm_batch_size:][:llm_batch_size] for micro in range(llm_grad_accum)]
+                return [{k: v.to(dev) for k, v in collate(train['P'], train['bank'], r, gcfg).items()} for r in mine], norm
 
         total = llm_lr_decay_iters or max_iters
         bar = tqdm(total=max_iters, initial=step, disable=not master, desc=f'stage {s}', dynamic_ncols=True)
@@ -578,14 +951,9 @@ if __name__ == '__main__':
             lr = lr_at(step, llm_learning_rate, llm_warmup_iters, total, llm_min_lr_ratio)
             for g in opt.param_groups:
                 g['lr'] = lr
-            rows = global_rows(step)
-            # each loss term is a mean over the GLOBAL batch: its sum on this micro-batch divided by the
-            # global count (over world, since DDP averages gradients over processes)
-            norm = tuple(max(1, n) / world for n in loss_counts(train['P'], rows))
+            micro_batches, norm = step_batches(step)
             loss_sum = 0.0
-            for micro in range(llm_grad_accum):
-                r = rows[(micro * world + rank) * llm_batch_size:][:llm_batch_size]
-                b = {k: v.to(dev) for k, v in collate(train['P'], train['bank'], r, gcfg).items()}
+            for micro, b in enumerate(micro_batches):
                 sync = not ddp or micro == llm_grad_accum - 1
                 with ctx, (fwd.no_sync() if not sync else nullcontext()):
                     loss, st = fwd(b, norm=norm, **weights)
@@ -593,7 +961,7 @@ if __name__ == '__main__':
                 loss_sum += loss.item() / world
                 acc += torch.tensor([st['ce'].item(), st['reg'].item(), st['mask'].item(), st['n_ce'], st['n_reg'], st['n_seg']])
                 tokens_seen += int(b['real'].sum()) * world
-                seqs_seen += len(r) * world
+                seqs_seen += len(b['idx']) * world
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), llm_grad_clip)   # global: same on every rank
             if not (math.isfinite(loss_sum) and math.isfinite(gnorm.item())):
                 die(f"loss is {loss_sum} at stage {s} step {step}; stopping. The last good checkpoint is {ckpt_path[s]}: "
@@ -603,7 +971,9 @@ if __name__ == '__main__':
             step += 1
             if step % log_interval == 0:
                 if ddp:
+                    acc = acc.to(dev)                                       # nccl reduces GPU tensors only
                     torch.distributed.all_reduce(acc)
+                    acc = acc.cpu()
                 if master:
                     dt = time.time() - t_start
                     post = dict(ce=f"{acc[0] / acc[3].clamp_min(1):.3f}", reg=f"{acc[1] / acc[4].clamp_min(1):.3f}",
@@ -616,10 +986,14 @@ if __name__ == '__main__':
             if step % llm_eval_interval == 0 or step == max_iters:
                 t_eval = time.time()
                 if master:
-                    save(s, step, opt)
-                    metrics = evaluate(model, detok, tok, test, records, STAGE_TASKS[s], gcfg, ctx, dev,
-                                       setok.max_tokens, os.path.join(run_dir, 'samples.png'))
+                    save(s, step, opt, loader.state_dict() if stream else None)
+                    metrics = stream_eval(STREAM_STAGE_TASKS[s]) if stream else \
+                        evaluate(model, detok, tok, test, records, STAGE_TASKS[s], gcfg, ctx, dev,
+                                 setok.max_tokens, os.path.join(run_dir, 'samples.png'))
                     report(s, metrics)
+                    if stream and cut[0]:
+                        tqdm.write(f"warning: {cut[0]} conversations so far were longer than block_size={block_size} "
+                                   f"tokens and cut there (raise block_size)", file=sys.stderr)
                     dt = t_eval - t_start
                     tqdm.write(f"stage {s} step {step} | {fmt(metrics)} | train {tokens_seen / dt:.0f} tok/s, "
                                f"{dt / (step - step0):.3f} s/step | eval {time.time() - t_eval:.0f}s")
@@ -636,6 +1010,7 @@ if __name__ == '__main__':
     for s in stages:
         train_stage(s)
     if master:
-        print(f"done: {ckpt_path[stages[-1]]}, {os.path.join(run_dir, 'eval.json')}, {os.path.join(run_dir, 'samples.png')}")
+        print(f"done: {ckpt_path[stages[-1]]}, {os.path.join(run_dir, 'eval.json')}"
+              + ('' if stream else f", {os.path.join(run_dir, 'samples.png')}"))
     if ddp:
         torch.distributed.destroy_process_group()

@@ -762,6 +762,13 @@ def train_tokenizer(sentences, data_dir, requested):
     return sp
 
 
+def vocab_meta(sp, requested):
+    """The "vocab" entry of meta.json for a tokenizer written by train_tokenizer."""
+    return {'model': 'tokenizer.model', 'vocab': 'tokenizer.vocab', 'size': sp.get_piece_size(),
+            'requested': requested, 'unk': 0, 'bos': 1, 'eos': 2, 'pad': 3,
+            'special': {s: 4 + k for k, s in enumerate(SPECIAL)}}
+
+
 # -----------------------------------------------------------------------------
 # the whole world
 
@@ -877,9 +884,7 @@ def prepare(workers=None, **settings):
         'settings': meta_settings(cfg),
         'splits': splits,
         'tasks': dict(sorted(tasks.items())),
-        'vocab': {'model': 'tokenizer.model', 'vocab': 'tokenizer.vocab', 'size': sp.get_piece_size(),
-                  'requested': cfg['vocab_size'], 'unk': 0, 'bos': 1, 'eos': 2, 'pad': 3,
-                  'special': {s: 4 + k for k, s in enumerate(SPECIAL)}},
+        'vocab': vocab_meta(sp, cfg['vocab_size']),
         'world': {'shapes': list(SHAPES), 'colors': {k: list(v) for k, v in COLORS.items()},
                   'sizes': {s: int(shape_mask('circle', s, S).shape[1]) for s in SIZES},
                   'positions': list(POSITIONS), 'gap': _GAP, 'move': move_step(S), 'margin': margin(S)},

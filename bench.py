@@ -1,0 +1,504 @@
+"""
+How fast is nanoSeTok, measured side by side on this machine. Prints one markdown table.
+
+    python bench.py                                   # every row (CPU: about 15 minutes on 2 cores)
+    python bench.py rows=tokenize,ratio               # only SeTok's tokenization and its cost vs the encoder
+    python bench.py rows=train presets=small          # training throughput of the two training scripts
+    python bench.py device=cuda                       # the GPU rows (bf16 autocast, MFU)
+    python bench.py compile=True                      # also torch.compile the batched tokenization
+
+Machines here are shared and noisy, so every figure is either a ratio of two things timed in the
+same run, interleaved (A, B, A, B, ... and the median of each side), or a throughput printed next to
+the machine's name. The rows:
+
+  tokenize  SeTok's tokenization (density-peak clustering + token merger), batched as setok.py does
+            it, against the authors' algorithm: one image at a time (DPC-KNN on that image), one
+            cluster at a time (the intra-cluster transformer on that cluster's patches alone, mean
+            pooled), then the inter-cluster transformer (TokenMerger.reference). Same inputs, same
+            weights, and the outputs are checked to agree. At the paper's shapes (SigLIP so400m/14 at
+            378 px: 27x27 = 729 patches of width 1152, 64 or more clusters, batch 16) and at
+            config/small's. Target: >= 10x on CPU, >= 50x on GPU.
+  ratio     clustering + merger against the ViT encoder's forward (SigLIP so400m shapes), same batch.
+            Target: <= 25% of the encoder.
+  train     images/s and tokens/s of train_setok.py and train_setokim.py (the scripts themselves,
+            run as subprocesses on a small world of the same kind), eager against torch.compile;
+            MFU on GPU.
+  ddp       train_setok.py under torchrun with 2 processes (gloo on CPU) against 1, same global batch.
+  memory    peak resident memory of a config=small train_setok.py run on the real world.
+
+The features fed to the tokenizer are synthetic but shaped like real ones: each image is cut into
+R Voronoi regions (R drawn per image), each region has its own random feature, plus noise, so the
+clustering finds about R clusters of uneven sizes.
+
+The training rows time the scripts as a user runs them: bench.py reads their tqdm bar as it is
+printed and timestamps every step it shows, then takes the rate between the end of the warm-up
+steps (compilation included there) and the last step before the final eval.
+"""
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+from common import HERE, configure, die, load_preset, pick_device
+from setok import MLP, TokenMerger, ViT, density_peak_cluster, pos_embed_2d
+
+# -----------------------------------------------------------------------------
+# settings
+rows = 'tokenize,ratio,train,ddp,memory'   # which rows, comma-separated
+device = 'cpu'                    # cpu | cuda | cuda:1 | auto
+dtype = 'auto'                    # auto (bf16 autocast on capable GPUs, else float32) | float32 | bfloat16
+threads = 0                       # CPU threads, in this process and in the training scripts (0: torch's default)
+repeats = 3                       # interleaved repetitions of each in-process timing (medians)
+compile = False                   # tokenize/ratio rows: also time the batched path under torch.compile
+# tokenize / ratio
+shapes = 'paper,small'            # tokenize rows, at these shapes (see SHAPES; 'tiny' is for the tests)
+batch_size = 16                   # images per tokenization call
+ref_images = 4                    # the looped reference is timed on this many images and scaled to batch_size (0: all)
+ratio_shape = 'paper'             # the ratio row's shapes
+ratio_batch = 0                   # images in the ratio row (0: 16 on GPU, 2 on CPU where a 27-layer ViT is slow)
+# train / ddp / memory
+presets = 'small,full'            # train rows at these presets
+scripts = 'setok,setokim'         # train rows of train_setok.py and train_setokim.py
+train_steps = 12                  # timed steps per run (after the warm-up)
+train_warmup = 3                  # steps left out of the timing (the first ones compile)
+train_repeats = 2                 # runs per side (eager, compile; 1 or 2 processes), interleaved
+full_cpu_batch = 0                # config=full on CPU: run train_setok.py at this batch (0: GPU-only: minutes a step, ~10 GB)
+ddp_threads = 1                   # threads per process in the ddp row
+mem_steps = 20                    # steps of the memory run
+bench_dir = 'out/bench'           # the small worlds and the runs' checkpoints
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+# Shapes of the tokenize / ratio rows. 'paper': SigLIP so400m/14 at 378 px (the paper's encoder) and
+# the authors' merger (2 intra + 2 inter blocks at the encoder's width); the clustering settings
+# give 64 to 128 clusters on these features. 'small' is filled in from config/small.py below.
+SHAPES = {
+    'paper': dict(grid=27, patch=14, dim=1152, n_head=16, mlp=4304, depth=27, intra=2, inter=2, token_dim=1024,
+                  k=5, threshold=0.5, min_tokens=64, max_tokens=128, pos_weight=1.0, regions=(64, 96)),
+    'tiny': dict(grid=8, patch=4, dim=32, n_head=4, mlp=128, depth=1, intra=1, inter=1, token_dim=32,
+                 k=3, threshold=0.5, min_tokens=1, max_tokens=8, pos_weight=0.5, regions=(2, 6)),
+}
+_s = load_preset('small')
+SHAPES['small'] = dict(grid=_s['image_size'] // _s['patch_size'], patch=_s['patch_size'], dim=_s['dim'],
+                       n_head=_s['n_head'], mlp=4 * _s['dim'], depth=_s['depth'], intra=_s['intra_depth'],
+                       inter=_s['inter_depth'], token_dim=_s['token_dim'], k=_s['cluster_k'],
+                       threshold=_s['cluster_threshold'], min_tokens=1, max_tokens=_s['max_tokens'],
+                       pos_weight=_s['cluster_pos_weight'], regions=(3, 10))
+ROWS = ('tokenize', 'ratio', 'train', 'ddp', 'memory')
+PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}   # dense bf16 FLOP/s, for MFU
+
+
+def split(text, allowed, what):
+    items = [t.strip() for t in text.split(',') if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad:
+        die(f"{what}={text}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def machine(dev):
+    """The name of what the figures were measured on."""
+    if dev.startswith('cuda'):
+        return f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}"
+    model = platform.processor() or 'unknown CPU'
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def sync(dev):
+    if dev.startswith('cuda'):
+        torch.cuda.synchronize(dev)
+
+
+def interleaved(fns, dev, n):
+    """Time each function n times, in turn (A, B, A, B, ...). -> median seconds of each, last outputs."""
+    times, outs = [[] for _ in fns], [None] * len(fns)
+    for _ in range(n):
+        for i, fn in enumerate(fns):
+            sync(dev)
+            t = time.perf_counter()
+            outs[i] = fn()
+            sync(dev)
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times], outs
+
+
+# -----------------------------------------------------------------------------
+# tokenization: batched (setok.py) against the authors' loop
+
+def voronoi_features(B, s, dev, seed=0):
+    """(B, N, C) patch features: each image cut into R Voronoi regions (R in s['regions'], per image),
+    one random feature per region plus noise. -> x, R (B,)"""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = s['regions']
+    R = torch.randint(lo, hi + 1, (B,), generator=g)
+    centres = torch.rand(B, hi, 2, generator=g) * s['grid']                             # (B, hi, 2)
+    yx = torch.stack(torch.meshgrid(torch.arange(s['grid']), torch.arange(s['grid']), indexing='ij'), -1)
+    yx = yx.view(1, -1, 2).float().expand(B, -1, -1) + 0.5                               # (B, N, 2)
+    d = torch.cdist(yx, centres).masked_fill(torch.arange(hi)[None, None] >= R[:, None, None], float('inf'))
+    region = d.argmin(-1)                                                                # (B, N)
+    feat = torch.randn(B, hi, s['dim'], generator=g)
+    x = feat.gather(1, region[..., None].expand(-1, -1, s['dim']))                       # (B, N, C)
+    return (x + 0.3 * torch.randn(x.shape, generator=g)).to(dev), R
+
+
+def cluster_args(s):
+    return s['k'], s['threshold'], s['min_tokens'], s['max_tokens']
+
+
+def batched(merger, pos, x, s):
+    """setok.py's path: the whole batch in one clustering call and one merger call."""
+    labels, num = density_peak_cluster(x + s['pos_weight'] * pos, *cluster_args(s))      # (B, N), (B,)
+    tokens, mask = merger(x, pos, labels, num, s['max_tokens'])                         # (B, K, D), (B, K)
+    return tokens, labels, num
+
+
+def looped(merger, pos, x, s):
+    """The authors' path: DPC-KNN on one image at a time, then the merger one cluster at a time."""
+    out = []
+    for b in range(len(x)):
+        labels, num = density_peak_cluster(x[b:b + 1] + s['pos_weight'] * pos, *cluster_args(s))
+        out.append((merger.reference(x[b:b + 1], pos, labels, num, s['max_tokens']), labels, num))
+    return tuple(torch.cat(t) for t in zip(*out))
+
+
+def agreement(fast, ref):
+    """How well the batched outputs match the looped ones on the images the reference ran."""
+    (tokens, labels, num), (rtokens, rlabels, rnum) = fast, ref
+    n = len(rnum)
+    same_labels = (labels[:n] == rlabels).float().mean().item()
+    real = torch.arange(tokens.shape[1], device=tokens.device)[None] < rnum[:, None]     # (n, K)
+    diff = ((tokens[:n] - rtokens).float().abs()[real].max() / rtokens.float().abs()[real].max()).item()
+    tol = 1e-4 if tokens.dtype == torch.float32 and rtokens.dtype == torch.float32 else 5e-2
+    ok = same_labels == 1.0 and torch.equal(num[:n], rnum) and diff < tol
+    return ok, f"{'agree' if ok else 'DIFFER'}: labels {100 * same_labels:.1f}% equal, max relative token error {diff:.1e}"
+
+
+def merger_for(s, dev):
+    torch.manual_seed(0)
+    m = TokenMerger(s['dim'], s['n_head'], s['token_dim'], s['intra'], s['inter']).to(dev).eval()
+    return m, pos_embed_2d(s['grid'], s['grid'], s['dim']).to(dev)
+
+
+@torch.no_grad()
+def tokenize_row(name, dev, ctx):
+    s = SHAPES[name]
+    merger, pos = merger_for(s, dev)
+    x, R = voronoi_features(batch_size, s, dev)
+    n_ref = min(ref_images or batch_size, batch_size)
+    fast = lambda xs: batched(merger, pos, xs, s)
+    fns = {'eager': fast, **({'compiled': torch.compile(fast, dynamic=False)} if compile else {})}
+    with ctx:
+        fast(x[:1]), looped(merger, pos, x[:1], s)                          # warm-up
+        if compile:
+            fns['compiled'](x)                                              # compilation, at the timed shape
+        (t_ref, *t_fast), (ref, *outs) = interleaved([lambda: looped(merger, pos, x[:n_ref], s),
+                                                      *[lambda f=f: f(x) for f in fns.values()]], dev, repeats)
+    t_ref *= batch_size / n_ref                                            # the whole batch, linearly
+    num = outs[0][2].float()
+    target = 50 if dev.startswith('cuda') else 10
+    scaled = f", looped timed on {n_ref} of {batch_size} images and scaled x{batch_size / n_ref:g}" if n_ref < batch_size else ''
+    out = []
+    for kind, t, o in zip(fns, t_fast, outs):
+        ok, check = agreement(o, ref)
+        out.append(dict(
+            row=f"tokenize, {name} shapes{', compiled' if kind == 'compiled' else ''}",
+            figure=f"{t_ref / t:.1f}x faster", target=f">= {target}x", ok=t_ref / t >= target, check=check,
+            notes=f"batch {batch_size} x {s['grid'] ** 2} patches x {s['dim']}, {num.mean():.1f} clusters/image "
+                  f"(min {num.min():.0f}, max {num.max():.0f}), merger {s['intra']}+{s['inter']} blocks; "
+                  f"batched {t:.3f} s, looped {t_ref:.3f} s per batch{scaled}; median of {repeats}"))
+    return out
+
+
+@torch.no_grad()
+def ratio_row(dev, ctx):
+    """Clustering + merger against the encoder's forward, same batch (SigLIP's MLP width: 4304)."""
+    s = SHAPES[ratio_shape]
+    B = ratio_batch or (16 if dev.startswith('cuda') else 2)
+    torch.manual_seed(0)
+    vit = ViT(s['grid'] * s['patch'], s['patch'], s['dim'], s['depth'], s['n_head'])
+    for blk in vit.blocks:
+        blk.mlp = MLP(s['dim'], s['mlp'])
+    vit = vit.to(dev).eval()
+    merger, pos = merger_for(s, dev)
+    x, _ = voronoi_features(B, s, dev)
+    img = torch.rand(B, 3, s['grid'] * s['patch'], s['grid'] * s['patch'], device=dev)
+    with ctx:
+        vit(img[:1]), batched(merger, pos, x[:1], s)                       # warm-up
+        (t_enc, t_tok), (_, out) = interleaved([lambda: vit(img), lambda: batched(merger, pos, x, s)], dev, repeats)
+    num = out[2].float()
+    return [dict(row=f"clustering + merger / encoder, {ratio_shape} shapes", figure=f"{100 * t_tok / t_enc:.1f}%",
+                 target="<= 25%", ok=t_tok / t_enc <= 0.25, check='',
+                 notes=f"batch {B}: ViT {s['depth']}x{s['dim']} ({s['n_head']} heads, MLP {s['mlp']}, patch {s['patch']}, "
+                       f"{s['grid'] ** 2} patches) {t_enc:.3f} s, clustering + merger {t_tok:.3f} s "
+                       f"({num.mean():.1f} clusters/image); median of {repeats}")]
+
+
+# -----------------------------------------------------------------------------
+# the training scripts, timed from their progress bars
+
+def run_timed(cmd, bar, timeout=3600):
+    """Run cmd from the repo root and timestamp every update of the tqdm bar called `bar` as it
+    arrives. -> {'steps': {n: first time n steps were shown}, 'text', 'rc', 'maxrss' (bytes)}."""
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    killer = threading.Timer(timeout, p.kill)
+    killer.start()
+    pat = re.compile(rf'{re.escape(bar)}:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)')
+    steps, chunks, pending = {}, [], b''
+    while chunk := os.read(p.stdout.fileno(), 1 << 16):
+        t = time.perf_counter()
+        chunks.append(chunk)
+        *lines, pending = re.split(rb'[\r\n]', pending + chunk)
+        for line in lines:
+            if m := pat.search(line.decode(errors='replace')):
+                steps.setdefault(int(m.group(1)), t)
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    killer.cancel()
+    text = b''.join(chunks).decode(errors='replace')
+    return {'steps': steps, 'text': text, 'rc': p.returncode, 'maxrss': usage.ru_maxrss * 1024}
+
+
+class RunFailed(Exception):
+    pass
+
+
+def check_run(r, what):
+    """A failed run becomes its row's figure (the bench goes on and exits 1 at the end)."""
+    if r['rc'] != 0:
+        lines = [l.strip() for l in re.split(r'[\r\n]', r['text']) if l.strip()]
+        where = [l for l in lines if l.startswith('File ')][-1:]
+        raise RunFailed(f"{what} exited {r['rc']}: {' / '.join(where + lines[-1:])}".replace('|', '/'))
+
+
+def steps_per_s(r, warmup, total):
+    """The step rate between the first step shown after the warm-up and the last one before the end
+    (the final step is followed by an eval that may delay its display)."""
+    seen = sorted((n, t) for n, t in r['steps'].items() if warmup <= n < total)
+    if len(seen) < 2:
+        raise RunFailed(f"too few steps shown to time ({seen}); raise train_steps")
+    (n0, t0), (n1, t1) = seen[0], seen[-1]
+    return (n1 - n0) / (t1 - t0)
+
+
+def python(script, *args, torchrun=0):
+    pre = ['-m', 'torch.distributed.run', f'--nproc_per_node={torchrun}', f'--master_port={free_port()}'] if torchrun else []
+    return [sys.executable, *pre, script, *args]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def world(preset):
+    """A small world of the preset's image size (steps cost the same whatever the dataset size)."""
+    from data.shapes.prepare import ensure_world
+    size = load_preset(preset)['image_size']
+    return ensure_world(os.path.join(bench_dir, f'world{size}'), workers=1, image_size=size,
+                        n_train=256, n_val=16, n_test=16)
+
+
+def common_args(preset, dev, nthreads):
+    return [f'config={preset}', f'device={dev}', f'dtype={dtype}', f'threads={nthreads}']
+
+
+def setok_run(preset, dev, comp, steps, warmup, batch, nthreads, tag, nproc=0, data=None):
+    out = os.path.join(bench_dir, f'setok_{preset}_{tag}')
+    args = [*common_args(preset, dev, nthreads), f'data_dir={data or world(preset)}', f'out_dir={out}',
+            f'max_iters={warmup + steps + 1}', 'eval_interval=1000000000', 'log_interval=1000000000',
+            'eval_images=16', f'compile={comp}', *([f'batch_size={batch}'] if batch else [])]
+    r = run_timed(python('train_setok.py', *args, torchrun=nproc), 'train_setok')
+    check_run(r, f"train_setok.py {' '.join(args)}")
+    return r, os.path.join(out, 'ckpt.pt')
+
+
+def setokim_run(preset, dev, comp, steps, warmup, nthreads, setok_ckpt, tag):
+    out = os.path.join(bench_dir, f'setokim_{preset}')
+    args = [*common_args(preset, dev, nthreads), f'data_dir={world(preset)}', f'out_dir={out}', f'setok_ckpt={setok_ckpt}',
+            f'run_name={tag}', 'stage=1', f'stage1_max_iters={warmup + steps + 1}', 'llm_eval_interval=1000000000',
+            'log_interval=1000000000', 'eval_per_task=1', f'compile={comp}']
+    r = run_timed(python('train_setokim.py', *args), 'stage 1')
+    check_run(r, f"train_setokim.py {' '.join(args)}")
+    return r
+
+
+def mfu_setok(preset, dev, img_s):
+    """Model FLOPs utilisation of train_setok.py: forward FLOPs of SeTok + detokenizer per image
+    (counted by FlopCounterMode; the small text encoder is left out), x3 for forward + backward."""
+    from dataclasses import fields
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from detok import DetokConfig, Detokenizer
+    from setok import SeTok, SeTokConfig
+    peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(dev)), None)
+    if peak is None:
+        return 'MFU: peak FLOP/s of this GPU unknown'
+    c = load_preset(preset)
+    sc = SeTokConfig(**{f.name: c[f.name] for f in fields(SeTokConfig) if f.name in c})
+    dc = DetokConfig(**{f.name: c.get(f'dec_{f.name}', c.get(f.name)) for f in fields(DetokConfig)
+                        if f'dec_{f.name}' in c or f.name in ('image_size', 'token_dim')})
+    setok, detok = SeTok(sc).to(dev), Detokenizer(dc).to(dev)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        tokens, mask, _ = setok(torch.rand(2, 3, sc.image_size, sc.image_size, device=dev))
+        detok(tokens, mask)
+    return f"MFU {100 * 3 * fc.get_total_flops() / 2 * img_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s"
+
+
+def mfu_setokim(preset, dev, text, tok_s, seq_len):
+    """nanoGPT's estimate (setokim.GPT.estimate_mfu): 6N + 12 L C T FLOPs per token, N the GPT's
+    non-embedding parameters (as the script prints them), T the mean sequence length."""
+    peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(dev)), None)
+    m = re.search(r'GPT ([\d.]+)M non-embedding', text)
+    if peak is None or m is None:
+        return 'MFU: unknown'
+    c = load_preset(preset)
+    flops = 6 * float(m.group(1)) * 1e6 + 12 * c['llm_n_layer'] * c['llm_n_embd'] * seq_len
+    return f"MFU {100 * flops * tok_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s (GPT only)"
+
+
+def train_rows(dev):
+    """Eager against compile for each preset and script; one row per side, or one row saying why not."""
+    gpu, out = dev.startswith('cuda'), []
+    for preset in split(presets, ('small', 'full'), 'presets'):
+        cpu_full = preset == 'full' and not gpu
+        for script in split(scripts, ('setok', 'setokim'), 'scripts'):
+            name = f"train_{script}, config={preset}"
+            if cpu_full and (script == 'setokim' or not full_cpu_batch):
+                why = ("GPU-only: its token cache runs SeTok-full (ViT-B/16, 384 px) over every image and each "
+                       "step is a GPT-2-medium step" if script == 'setokim' else
+                       "GPU-only: on CPU a step takes minutes and ~10 GB even at batch 2 (full_cpu_batch=N runs it)")
+                out.append(dict(row=name, figure='-', target='-', ok=None, check='', notes=why))
+                continue
+            try:
+                out += train_row(script, preset, name, dev)
+            except RunFailed as e:
+                out.append(dict(row=name, figure='run failed', target='-', ok=False, check='', notes=str(e)))
+    return out
+
+
+def train_row(script, preset, name, dev):
+    c, gpu = load_preset(preset), dev.startswith('cuda')
+    cpu_full = preset == 'full' and not gpu                  # a few steps at a small batch, eager only
+    sides = ['False'] if cpu_full else ['False', 'True']     # the scripts' compile setting
+    steps, warmup = (3, 1) if cpu_full else (train_steps, train_warmup)
+    batch = full_cpu_batch if cpu_full else c['batch_size' if script == 'setok' else 'llm_batch_size']
+    nthreads = threads or torch.get_num_threads()
+    if script == 'setokim':   # a SeTok checkpoint of the current code to read tokens from
+        _, ckpt = setok_run(preset, dev, 'False', 0, 1, 2, nthreads, 'for_setokim')
+    rate, per_step, text = {s: [] for s in sides}, {s: [] for s in sides}, ''
+    for _ in range(train_repeats):
+        for side in sides:
+            if script == 'setok':
+                r, _ = setok_run(preset, dev, side, steps, warmup, batch if cpu_full else 0, nthreads, f'compile{side}')
+            else:
+                r = setokim_run(preset, dev, side, steps, warmup, nthreads, ckpt, f'compile{side}')
+                m = re.search(r'train (\d+) tok/s, ([\d.]+) s/step', r['text'])       # over all its steps
+                per_step[side].append(int(m.group(1)) * float(m.group(2)))          # LLM tokens per step
+                text = r['text']
+            rate[side].append(steps_per_s(r, warmup, warmup + steps + 1))
+    out = []
+    for side in sides:
+        sps = statistics.median(rate[side])
+        img_s = sps * batch
+        if script == 'setok':
+            patches = (c['image_size'] // c['patch_size']) ** 2
+            tok = f"{img_s * patches:.0f} patch tokens/s ({patches} per image)"
+            mfu = mfu_setok(preset, dev, img_s) if gpu else ''
+        else:
+            tps = statistics.median(per_step[side])
+            tok = f"{sps * tps:.0f} tokens/s (LLM tokens, {tps / batch:.0f} per sequence, one image each)"
+            mfu = mfu_setokim(preset, dev, text, sps * tps, tps / batch) if gpu else ''
+        speed = f"; {sps / statistics.median(rate['False']):.2f}x eager" if side == 'True' else ''
+        out.append(dict(
+            row=f"{name}, {'compile' if side == 'True' else 'eager'}", figure=f"{img_s:.1f} img/s{speed}",
+            target='-', ok=None, check='',
+            notes=f"{tok}; batch {batch}{' (reduced on CPU)' if cpu_full else ''}, steps {warmup}..{warmup + steps} "
+                  f"timed, median of {train_repeats} runs{', ' + mfu if mfu else ''}"))
+    return out
+
+
+def ddp_row(dev):
+    """2 processes (torchrun; gloo on CPU, nccl on GPU) against 1, the same global batch."""
+    c = load_preset('small')
+    B, rate = c['batch_size'], {1: [], 2: []}
+    for _ in range(train_repeats):
+        for nproc in (1, 2):
+            r, _ = setok_run('small', dev, 'False', train_steps, train_warmup, B // nproc, ddp_threads, f'ddp{nproc}',
+                             nproc=nproc if nproc > 1 else 0)
+            rate[nproc].append(steps_per_s(r, train_warmup, train_warmup + train_steps + 1) * B)
+    one, two = statistics.median(rate[1]), statistics.median(rate[2])
+    backend = 'nccl' if dev.startswith('cuda') else 'gloo'
+    return [dict(row=f"DDP train_setok config=small, 2 processes / 1 ({backend})", figure=f"{two / one:.2f}x",
+                 target='-', ok=None, check='',
+                 notes=f"{two:.1f} img/s (2 x {B // 2}) against {one:.1f} img/s (1 x {B}), {ddp_threads} thread(s) "
+                       f"per process, median of {train_repeats} runs each")]
+
+
+def memory_row(dev):
+    """Peak resident set of a short config=small run on the real world (its data is held in memory)."""
+    args = [*common_args('small', dev, threads or torch.get_num_threads()), f'out_dir={os.path.join(bench_dir, "memory")}',
+            f'max_iters={mem_steps}', f'eval_interval={mem_steps}']
+    r = run_timed(python('train_setok.py', *args), 'train_setok')
+    check_run(r, f"train_setok.py {' '.join(args)}")
+    gib = r['maxrss'] / 2 ** 30
+    return [dict(row='peak memory, train_setok config=small', figure=f"{gib:.2f} GiB", target='< 2 GiB', ok=gib < 2,
+                 check='', notes=f"ru_maxrss of the process: {mem_steps} steps and an eval on the default world "
+                                 f"({load_preset('small')['data_dir']})")]
+
+
+def table(results):
+    lines = ['| row | figure | target | pass | check | notes |', '| --- | --- | --- | --- | --- | --- |']
+    for r in results:
+        ok = '' if r['ok'] is None else ('pass' if r['ok'] else 'FAIL')
+        lines.append(f"| {r['row']} | {r['figure']} | {r['target']} | {ok} | {r['check']} | {r['notes']} |")
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    todo = split(rows, ROWS, 'rows')
+    for name in split(shapes, tuple(SHAPES), 'shapes') + [ratio_shape]:
+        if name not in SHAPES:
+            die(f"ratio_shape={name}: choose from {', '.join(SHAPES)}")
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        die(f"device={device}: no CUDA device here; use device=cpu")
+    dev, ptdtype, ctx = pick_device(device, dtype)
+    if threads:
+        torch.set_num_threads(threads)
+    os.makedirs(os.path.join(HERE, bench_dir) if not os.path.isabs(bench_dir) else bench_dir, exist_ok=True)
+    print(f"nanoSeTok bench | {machine(dev)} | device {dev} {str(ptdtype).replace('torch.', '')}", flush=True)
+    print(f"command: python bench.py {' '.join(sys.argv[1:])}".rstrip(), flush=True)
+    results = []
+    for row in todo:
+        t0 = time.time()
+        if row == 'tokenize':
+            for name in split(shapes, tuple(SHAPES), 'shapes'):
+                results += tokenize_row(name, dev, ctx)
+        elif row == 'ratio':
+            results += ratio_row(dev, ctx)
+        elif row == 'train':
+            results += train_rows(dev)
+        elif row in ('ddp', 'memory'):
+            try:
+                results += ddp_row(dev) if row == 'ddp' else memory_row(dev)
+            except RunFailed as e:
+                results.append(dict(row=row, figure='run failed', target='-', ok=False, check='', notes=str(e)))
+        print(f"({row}: {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    print()
+    print(table(results))
+    if any(r['check'].startswith('DIFFER') or r['figure'] == 'run failed' for r in results):
+        sys.exit(1)                                        # wrong outputs or a script that failed
