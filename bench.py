@@ -46,7 +46,7 @@ import time
 
 import torch
 
-from common import HERE, configure, die, load_preset, pick_device
+from common import HERE, configure, die, load_preset, peak_flops, pick_device
 from setok import MLP, TokenMerger, ViT, density_peak_cluster, pos_embed_2d
 
 # -----------------------------------------------------------------------------
@@ -92,7 +92,6 @@ SHAPES['small'] = dict(grid=_s['image_size'] // _s['patch_size'], patch=_s['patc
                        threshold=_s['cluster_threshold'], min_tokens=1, max_tokens=_s['max_tokens'],
                        pos_weight=_s['cluster_pos_weight'], regions=(3, 10))
 ROWS = ('tokenize', 'ratio', 'train', 'ddp', 'memory')
-PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}   # dense bf16 FLOP/s, for MFU
 
 
 def split(text, allowed, what):
@@ -345,7 +344,7 @@ def mfu_setok(preset, dev, img_s):
 
     from detok import DetokConfig, Detokenizer
     from setok import SeTok, SeTokConfig
-    peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(dev)), None)
+    peak = peak_flops(dev)
     if peak is None:
         return 'MFU: peak FLOP/s of this GPU unknown'
     c = load_preset(preset)
@@ -362,7 +361,7 @@ def mfu_setok(preset, dev, img_s):
 def mfu_setokim(preset, dev, text, tok_s, seq_len):
     """nanoGPT's estimate (setokim.GPT.estimate_mfu): 6N + 12 L C T FLOPs per token, N the GPT's
     non-embedding parameters (as the script prints them), T the mean sequence length."""
-    peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(dev)), None)
+    peak = peak_flops(dev)
     m = re.search(r'GPT ([\d.]+)M non-embedding', text)
     if peak is None or m is None:
         return 'MFU: unknown'

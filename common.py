@@ -154,6 +154,14 @@ def pick_device(device='auto', dtype='auto'):
     return device, ptdtype, ctx
 
 
+PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}   # dense bf16 FLOP/s, for MFU
+
+
+def peak_flops(dev):
+    """The bf16 dense peak FLOP/s of a CUDA device, for MFU; None when its name is not in PEAK_BF16."""
+    name = torch.cuda.get_device_name(dev)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
 def setup_ddp(device):
     """Under torchrun: init the process group and return (ddp, rank, world_size, device)."""
     if int(os.environ.get('RANK', -1)) == -1:

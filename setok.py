@@ -23,7 +23,6 @@ Sections: 1) building blocks shared by every file  2) ViT encoder (+ CLIP / SigL
 4) baseline tokenizers  5) token merger  6) SeTok  7) concept text encoder + contrastive loss.
 """
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -128,8 +127,8 @@ class Block(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 2) The vision encoder: a plain ViT. The paper uses a frozen SigLIP; here it is trained from scratch
-# by default, and pretrained CLIP or SigLIP weights load into the same module (pretrained_config,
-# vit_shape, pretrained_weights, load_vit; train_setok.py vit_init=DIR freeze_encoder=True). The three styles differ in
+# by default, and pretrained CLIP or SigLIP weights load into the same module (pretrained.py;
+# train_setok.py vit_init=DIR freeze_encoder=True). The three styles differ in
 # a few details, all of them options of this one class:
 #   nano    ours: fixed 2D sin-cos positions, no class token
 #   clip    OpenAI CLIP (Hugging Face CLIPVisionModel): a class token (dropped from the output),
@@ -186,115 +185,6 @@ class ViT(nn.Module):
 
     def train(self, mode=True):
         return super().train(mode and not self.frozen)
-
-
-def pretrained_config(path):
-    """config.json of a Hugging Face model folder, as a dict (a one-line error when it is missing)."""
-    import json
-
-    from common import die
-    if not os.path.isdir(path):
-        die(f"pretrained weights {path}: no such folder; it should hold config.json and model.safetensors "
-            f"or pytorch_model.bin (e.g. huggingface-cli download MODEL --local-dir {path})")
-    try:
-        with open(os.path.join(path, 'config.json')) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        die(f"{path}/config.json is missing or unreadable ({type(e).__name__}); download the whole model folder")
-
-
-def pretrained_weights(path):
-    """The weights of a Hugging Face model folder -> {name: float32 tensor}: model.safetensors (when
-    the safetensors package is installed) or pytorch_model.bin, sharded ones (*.index.json) too."""
-    import json
-
-    from common import die
-    try:
-        import safetensors.torch
-    except ImportError:
-        safetensors = None
-    files = None
-    for name, ok in (('model.safetensors', safetensors is not None), ('pytorch_model.bin', True)):
-        index = os.path.join(path, name + '.index.json')
-        if ok and os.path.isfile(os.path.join(path, name)):
-            files = [name]
-        elif ok and os.path.isfile(index):
-            files = sorted(set(json.load(open(index))['weight_map'].values()))
-        if files:
-            break
-    if not files:
-        hint = (" (model.safetensors is there: pip install safetensors)" if safetensors is None
-                and os.path.isfile(os.path.join(path, 'model.safetensors')) else "")
-        die(f"{path} has no pytorch_model.bin or model.safetensors{hint}")
-    sd = {}
-    for name in files:
-        try:
-            sd.update(safetensors.torch.load_file(os.path.join(path, name)) if name.endswith('.safetensors')
-                      else torch.load(os.path.join(path, name), map_location='cpu', weights_only=True))
-        except Exception as e:
-            die(f"{path}/{name} is not a readable checkpoint ({type(e).__name__}); download it again")
-    return {k: v.float() for k, v in sd.items() if torch.is_tensor(v)}
-
-
-def pretrained_tensor(sd, key, path):
-    """sd[key], or a one-line error naming the checkpoint: it is not in the layout we read."""
-    if key not in sd:
-        from common import die
-        die(f"{path} has no tensor {key}; is it the right kind of model?")
-    return sd[key]
-
-
-def vit_shape(cfg, path=''):
-    """config.json of a CLIP / SigLIP model (the vision tower, or the whole two-tower model) -> the
-    SeTokConfig fields that fix the encoder: vit_style, dim, depth, n_head, patch_size, vit_mlp, vit_act.
-    Keys that config.json leaves out have Hugging Face's defaults."""
-    from common import die
-    style = {'clip': 'clip', 'clip_vision_model': 'clip', 'siglip': 'siglip',
-             'siglip_vision_model': 'siglip'}.get(cfg.get('model_type'))
-    if style is None:
-        die(f"{path}/config.json: model_type {cfg.get('model_type')!r} is not a CLIP or SigLIP vision model")
-    v = cfg.get('vision_config', cfg)
-    act = {'quick_gelu': 'quick_gelu', 'gelu': 'gelu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh'}.get(
-        v.get('hidden_act', 'quick_gelu' if style == 'clip' else 'gelu_pytorch_tanh'))
-    if act is None:
-        die(f"{path}/config.json: hidden_act {v['hidden_act']!r} is not one of quick_gelu, gelu, gelu_pytorch_tanh")
-    return {'vit_style': style, 'dim': v.get('hidden_size', 768), 'depth': v.get('num_hidden_layers', 12),
-            'n_head': v.get('num_attention_heads', 12), 'patch_size': v.get('patch_size', 32 if style == 'clip' else 16),
-            'vit_mlp': v.get('intermediate_size', 3072), 'vit_act': act}
-
-
-@torch.no_grad()
-def load_vit(vit, sd, path=''):
-    """CLIP / SigLIP vision weights (Hugging Face names, from pretrained_weights) into a ViT built with
-    their vit_shape. The learned positions are resized (bicubic) to our patch grid when the image
-    size differs from the one they were trained at."""
-    from common import die
-    sd = {k.split('vision_model.', 1)[1]: v for k, v in sd.items() if 'vision_model.' in k}   # no text tower
-    t = lambda k: pretrained_tensor(sd, k, path)
-    pair = lambda k: (t(k + '.weight'), t(k + '.bias'))
-    pos = t('embeddings.position_embedding.weight')                          # ((1 +) g0*g0, C)
-    head, pos = pos[:vit.pos.shape[0] - vit.grid ** 2], pos[vit.pos.shape[0] - vit.grid ** 2:]   # class row, grid rows
-    g0, C = int(round(pos.shape[0] ** 0.5)), pos.shape[1]
-    if g0 != vit.grid:
-        pos = F.interpolate(pos.T.reshape(1, C, g0, g0), size=(vit.grid, vit.grid), mode='bicubic',
-                            align_corners=False).reshape(C, -1).T           # (g*g, C)
-    out = {'patch.weight': t('embeddings.patch_embedding.weight'), 'pos': torch.cat([head, pos]),
-           'ln.weight': t('post_layernorm.weight'), 'ln.bias': t('post_layernorm.bias')}
-    if vit.patch.bias is not None:
-        out['patch.bias'] = t('embeddings.patch_embedding.bias')
-    if vit.cls is not None:
-        out['cls'] = t('embeddings.class_embedding')
-        out['ln_pre.weight'], out['ln_pre.bias'] = pair('pre_layrnorm')      # (sic: Hugging Face's spelling)
-    for i in range(len(vit.blocks)):
-        L = f'encoder.layers.{i}.'
-        blk = Block.pretrained_state(pair(L + 'layer_norm1'), pair(L + 'self_attn.q_proj'), pair(L + 'self_attn.k_proj'),
-                                     pair(L + 'self_attn.v_proj'), pair(L + 'self_attn.out_proj'),
-                                     pair(L + 'layer_norm2'), pair(L + 'mlp.fc1'), pair(L + 'mlp.fc2'))
-        out.update({f'blocks.{i}.{k}': v for k, v in blk.items()})
-    try:
-        vit.load_state_dict(out)                                            # strict: every weight is set
-    except RuntimeError as e:
-        die(f"{path} does not fit the encoder its config.json describes ({str(e).splitlines()[-1].strip()})")
 
 
 # -----------------------------------------------------------------------------

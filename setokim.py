@@ -51,41 +51,7 @@ from setok import MLP, Block, pos_embed_2d
 #   pieces, so they are appended after its vocabulary, followed by a pad id; eos is <|endoftext|>.
 # Special tokens are never produced by the BPE itself: encode() cuts the text at their spellings and
 # maps them straight to their ids, the same way for both backends.
-#
-# tiktoken downloads GPT-2's BPE (two files) on first use and keeps each in its cache folder under
-# the sha1 of its URL (tiktoken/load.py: read_file_cached). The folder is $TIKTOKEN_CACHE_DIR, else
-# $DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache. We look there first: a machine without the files
-# gets a line that says how to get them, instead of a download attempt and a traceback.
-
-GPT2_BPE_FILES = {'vocab.bpe': 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe',
-                  'encoder.json': 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json'}
-
-
-def tiktoken_gpt2():
-    """tiktoken's GPT-2 encoding, from tiktoken's cache only (or a one-line error)."""
-    import hashlib
-    import tempfile
-
-    import tiktoken
-
-    from common import die
-    env = next((v for v in ('TIKTOKEN_CACHE_DIR', 'DATA_GYM_CACHE_DIR') if v in os.environ), None)
-    cache = os.environ[env] if env else os.path.join(tempfile.gettempdir(), 'data-gym-cache')
-    files = {name: os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()) for name, url in GPT2_BPE_FILES.items()}
-    missing = [name for name, f in files.items() if not cache or not os.path.isfile(f)]
-    how = ("run  python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"  once with internet access (it fills "
-           "the cache), or copy the cached files there from a machine that has them: "
-           + ', '.join(f"{os.path.basename(f)} ({name})" for name, f in files.items()))
-    if not cache:
-        die(f"text_tokenizer=gpt2: tiktoken's cache is switched off ({env} is empty); set {env} to a folder and {how}")
-    if missing:
-        die(f"text_tokenizer=gpt2: GPT-2's BPE vocabulary ({', '.join(missing)}) is not in tiktoken's cache {cache} "
-            f"({env or 'the default; TIKTOKEN_CACHE_DIR sets another'}); {how}")
-    try:
-        return tiktoken.get_encoding('gpt2')
-    except Exception as e:                # a damaged cache file: tiktoken tries to download it again
-        die(f"text_tokenizer=gpt2: tiktoken could not read its cached GPT-2 vocabulary in {cache} "
-            f"({type(e).__name__}); delete {' and '.join(files.values())}, then {how}")
+# GPT-2's BPE comes from tiktoken's cache only (pretrained.tiktoken_gpt2).
 
 
 class TextTokenizer:
@@ -97,6 +63,7 @@ class TextTokenizer:
             if isinstance(model, str) and model != 'tiktoken:gpt2':
                 from common import die
                 die(f"text tokenizer {model}: the tiktoken encoding nanoSeTok knows is tiktoken:gpt2")
+            from pretrained import tiktoken_gpt2
             enc = tiktoken_gpt2() if isinstance(model, str) else model
             n = enc.n_vocab
             self._encode, self._decode = enc.encode_ordinary, enc.decode
@@ -242,58 +209,7 @@ class GPT(nn.Module):
         return flops_per_token * tokens_per_sec / peak_flops
 
 
-# 2b) GPT-2's weights (Hugging Face's layout: config.json + model.safetensors or pytorch_model.bin) into
-# this GPT: train_setokim.py init_from=gpt2-local (the folder gpt2_dir) or init_from=/path/to/folder.
-# Hugging Face's GPT-2 keeps nn.Linear weights TRANSPOSED ("Conv1D": (in, out), y = x @ W + b) and
-# fuses q, k, v into one c_attn; Block.pretrained_state folds its key/value biases away exactly.
-# The vocabulary grows by the rows GPT-2 lacks (the special tokens, pad, VIS), each started at the
-# mean of GPT-2's embeddings; the LM head stays tied to it.
-
-def gpt2_shape(hf):
-    """config.json of a GPT-2 -> the GPTConfig fields it fixes (n_layer, n_head, n_embd)."""
-    from common import die
-    if hf.get('model_type', 'gpt2') != 'gpt2':
-        die(f"init_from: model_type {hf.get('model_type')!r} is not gpt2")
-    act, eps, C = hf.get('activation_function', 'gelu_new'), hf.get('layer_norm_epsilon', 1e-5), hf.get('n_embd', 768)
-    if act not in ('gelu_new', 'gelu_pytorch_tanh') or eps != 1e-5 or hf.get('n_inner') not in (None, 4 * C):
-        die(f"init_from: this GPT-2 has activation {act}, eps {eps}, n_inner {hf.get('n_inner')}; ours has gelu_new, "
-            f"1e-5 and 4 * n_embd")
-    return {'n_layer': hf.get('n_layer', 12), 'n_head': hf.get('n_head', 12), 'n_embd': C}
-
-
-@torch.no_grad()
-def load_gpt2(gpt, sd, path=''):
-    """Hugging Face GPT-2 weights `sd` (setok.pretrained_weights) into `gpt`, built with gpt2_shape.
-    Returns GPT-2's number of positions; block_size rows past it keep their random init."""
-    from common import die
-    from setok import pretrained_tensor
-    c = gpt.cfg
-    sd = {k.removeprefix('transformer.'): v for k, v in sd.items()}             # GPT2LMHeadModel -> GPT2Model names
-    t = lambda k: pretrained_tensor(sd, k, path)
-    pair = lambda k, conv1d=False: (t(k + '.weight').T if conv1d else t(k + '.weight'), t(k + '.bias'))
-    wte, wpe = t('wte.weight'), t('wpe.weight')                                 # (V0, C), (P0, C)
-    V0, P0 = len(wte), len(wpe)
-    if V0 > c.vocab_size:
-        die(f"{path}: GPT-2's vocabulary has {V0} ids, the text tokenizer fewer ({c.vocab_size - 1}); "
-            f"use text_tokenizer=gpt2")
-    wte = torch.cat([wte, wte.mean(0).expand(c.vocab_size - V0, -1)])          # (V, C) specials, pad, VIS appended
-    pos = gpt.wpe.weight.detach().cpu().clone()                                 # (block_size, C)
-    pos[:min(P0, c.block_size)] = wpe[:c.block_size]
-    out = {'wte.weight': wte, 'lm_head.weight': wte, 'wpe.weight': pos, 'ln_f.weight': t('ln_f.weight'),
-           'ln_f.bias': t('ln_f.bias')}
-    for i in range(c.n_layer):
-        h = f'h.{i}.'
-        w, b = pair(h + 'attn.c_attn', conv1d=True)                             # (3C, C), (3C,)
-        (wq, wk, wv), (bq, bk, bv) = w.chunk(3), b.chunk(3)                     # q, k, v in this order
-        blk = Block.pretrained_state(pair(h + 'ln_1'), (wq, bq), (wk, bk), (wv, bv), pair(h + 'attn.c_proj', True),
-                                     pair(h + 'ln_2'), pair(h + 'mlp.c_fc', True), pair(h + 'mlp.c_proj', True))
-        out.update({f'blocks.{i}.{k}': v for k, v in blk.items()})
-    try:
-        gpt.load_state_dict(out)                                                # strict: every weight is set
-    except RuntimeError as e:
-        die(f"{path} does not fit the GPT its config.json describes ({str(e).splitlines()[-1].strip()})")
-    return P0
-
+# GPT-2's weights load into this GPT through pretrained.py (train_setokim.py init_from=gpt2-local).
 
 # -----------------------------------------------------------------------------
 # 3) Sequences.

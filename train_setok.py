@@ -33,8 +33,8 @@ from tqdm import tqdm
 from common import (HERE, cluster_overlay, configure, die, gather_all, load_checkpoint, load_weights, lr_at, pick_device,
                     rng_state, save_checkpoint, save_panel, set_rng_state, setup_ddp, timed_step, to_uint8)
 from detok import DetokConfig, Detokenizer, detok_loss, psnr
-from setok import (SeTok, SeTokConfig, TextEncoder, concept_contrastive_loss, grid_labels, load_vit, pretrained_config,
-                   pretrained_weights, vit_shape)
+from pretrained import load_vit, pretrained_config, pretrained_weights, vit_shape
+from setok import SeTok, SeTokConfig, TextEncoder, concept_contrastive_loss, grid_labels
 
 # -----------------------------------------------------------------------------
 # settings

@@ -57,11 +57,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HERE, configure, die, load_checkpoint, load_preset, lr_at, pick_device, rng_state, save_checkpoint,
+from common import (HERE, configure, die, load_checkpoint, load_preset, lr_at, peak_flops, pick_device, rng_state, save_checkpoint,
                     save_panel, set_rng_state, setup_ddp, timed_step, to_uint8)
-from setok import SeTokConfig, pretrained_config, pretrained_weights
-from setokim import (SETOKIM, Bank, GPTConfig, TextTokenizer, collate, encode_conversation, gpt2_shape, load_gpt2,
-                     loss_counts, pack, reading_order, tiktoken_gpt2, visual_tokens)
+from pretrained import gpt2_shape, load_gpt2, pretrained_config, pretrained_weights, tiktoken_gpt2
+from setok import SeTokConfig
+from setokim import (SETOKIM, Bank, GPTConfig, TextTokenizer, collate, encode_conversation,
+                     loss_counts, pack, reading_order, visual_tokens)
 from data.loader import ImageError, WorldDataset, _load_with_map, line_tasks, load_image
 
 # -----------------------------------------------------------------------------
@@ -533,12 +534,6 @@ def fmt(m):
             parts.append(f"{t} PSNR {m[f'{t}_psnr']:.2f} dB colour IoU {m[f'{t}_colour_iou']:.3f} tok {m[f'{t}_tokens']:.1f} "
                          f"(SeTok recon {m[f'{t}_oracle_psnr']:.2f} dB, {m[f'{t}_oracle_colour_iou']:.3f})")
     return ' | '.join(parts)
-
-
-def peak_flops(dev):
-    """bf16 dense peak of the GPU, for MFU (nanoGPT uses the A100's 312 TFLOPS)."""
-    name = torch.cuda.get_device_name(dev)
-    return 989e12 if ('H100' in name or 'H200' in name) else 312e12
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-# The CPU toy: 64x64 shapes world, trains SeTok in ~15 minutes and SETOKIM in ~30 on a 2-core laptop.
+# The CPU toy: 64x64 shapes world; SeTok and SETOKIM each train in well under an hour on a 2-core laptop.
 # One preset describes one world for train_setok.py, train_setokim.py and sample.py; each script takes
 # the keys it has and skips the others.
 out_dir = 'out/small'

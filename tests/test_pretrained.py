@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from conftest import run_script
-from setok import ViT, load_vit, pretrained_config, pretrained_weights, vit_shape
-from setokim import GPT2_BPE_FILES, GPT, GPTConfig, TextTokenizer, gpt2_shape, load_gpt2
+from pretrained import GPT2_BPE_FILES, gpt2_shape, load_gpt2, load_vit, pretrained_config, pretrained_weights, vit_shape
+from setok import ViT
+from setokim import GPT, GPTConfig, TextTokenizer
 
 # -----------------------------------------------------------------------------
 # helpers: writing Hugging Face folders, numpy reference forwards
