@@ -261,7 +261,7 @@ def load_models(settings, dev, wants_llm):
     if use_llm:
         import setokim
         ck = load_checkpoint(llm_path, kind='setokim', what='SETOKIM checkpoint')   # kind checked first
-        trained_on = ck.get('setok_ckpt', '')
+        trained_on = setokim.setok_ckpt_of(ck, llm_path) if ck.get('setok_ckpt') else ''
         if settings['setok_ckpt'] and trained_on and not same_file(setok_path, trained_on):
             if explicit:
                 die(f"{llm_path} was trained on the SeTok checkpoint {trained_on}, not setok_ckpt={settings['setok_ckpt']}; "

@@ -593,6 +593,12 @@ def visual_tokens(ids, vis, vis_id, K):
 # 6) Loading a trained SETOKIM (for sample.py): the model, its text tokenizer, and the frozen SeTok +
 # detokenizer it was trained with (the same tokenizer override).
 
+def setok_ckpt_of(ck, path):
+    """The SeTok checkpoint a SETOKIM checkpoint (ck, read from path) was trained on; it is stored
+    relative to the SETOKIM checkpoint's folder (absolute in older checkpoints)."""
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), ck['setok_ckpt']))
+
+
 def load_setokim(path, device='cpu'):
     """-> (model, text tokenizer, setok, detok, checkpoint dict), models in eval mode."""
     from common import die, load_checkpoint
@@ -601,7 +607,8 @@ def load_setokim(path, device='cpu'):
     model = SETOKIM(GPTConfig(**ck['gpt_config']))
     model.load_state_dict(ck['model'])
     tok = TextTokenizer(ck['text_tokenizer'])
-    if not os.path.isfile(ck['setok_ckpt']):
-        die(f"{path} was trained on the SeTok checkpoint {ck['setok_ckpt']}, which is gone")
-    setok, detok, _ = load_setok(ck['setok_ckpt'], device, **ck['setok_overrides'])
+    setok_path = setok_ckpt_of(ck, path)
+    if not os.path.isfile(setok_path):
+        die(f"{path} was trained on the SeTok checkpoint {setok_path}, which is gone")
+    setok, detok, _ = load_setok(setok_path, device, **ck['setok_overrides'])
     return model.to(device).eval(), tok, setok, detok, ck

@@ -825,7 +825,9 @@ if __name__ == '__main__':
     def save(s, step, opt, data=None):
         save_checkpoint({'kind': 'setokim', 'stage': s, 'step': step, 'model': model.state_dict(),
                          'optimizer': opt.state_dict(), 'rng': rng_state(), 'config': config,
-                         'gpt_config': asdict(gcfg), 'text_tokenizer': tok.model, 'setok_ckpt': setok_path,
+                         'gpt_config': asdict(gcfg), 'text_tokenizer': tok.model,
+                         # relative to this checkpoint's folder, so that out/ can move as a whole
+                         'setok_ckpt': os.path.relpath(setok_path, os.path.dirname(os.path.abspath(ckpt_path[s]))),
                          'setok_overrides': overrides, 'setok_config': asdict(setok.cfg),
                          'detok_config': asdict(detok.cfg), 'token_cache': cache_path,
                          **({'data': data} if data is not None else {})},     # the streaming loader's position

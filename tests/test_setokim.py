@@ -380,6 +380,15 @@ def test_resume_is_bit_identical(world, setok_dir, straight):
     from setokim import load_setokim
     model, tk, setok, detok, ck = load_setokim(os.path.join(setok_dir, 'straight', 'stage2.pt'))
     assert ck['step'] == 4 and ck['setok_overrides'] == {'tokenizer': 'setok'} and tk.vocab_size + 1 == model.cfg.vocab_size
+    # the SeTok checkpoint is found relative to the SETOKIM one, so the out folder can move as a whole
+    import shutil
+    moved = shutil.copytree(setok_dir, os.path.join(os.path.dirname(setok_dir), 'moved_out'))
+    os.rename(os.path.join(setok_dir, 'ckpt.pt'), os.path.join(setok_dir, 'ckpt.pt.away'))
+    try:
+        _, _, setok2, _, _ = load_setokim(os.path.join(moved, 'straight', 'stage2.pt'))
+        assert all(torch.equal(a, b) for a, b in zip(setok.state_dict().values(), setok2.state_dict().values()))
+    finally:
+        os.rename(os.path.join(setok_dir, 'ckpt.pt.away'), os.path.join(setok_dir, 'ckpt.pt'))
 
 
 def test_ddp_two_processes_match_one(world, setok_dir, straight):
