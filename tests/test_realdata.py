@@ -9,7 +9,6 @@ Run: python -m pytest tests/test_realdata.py -q
 import json
 import os
 import pickle
-import sys
 
 import numpy as np
 import pytest
@@ -167,23 +166,10 @@ def test_setok_eval_with_instance_maps(worlds, setok_ckpt):
 # -----------------------------------------------------------------------------
 # train_setokim.py
 
-@pytest.fixture(scope='module')
-def tsm(monkeypatch_module):
-    monkeypatch_module.setattr(sys, 'argv', ['train_setokim.py'])              # it reads its settings on import
-    import train_setokim
-    return train_setokim
-
-
-@pytest.fixture(scope='module')
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-def test_widen_gives_the_token_cache_layout(tsm, worlds):
+def test_widen_gives_the_token_cache_layout(worlds):
     """A streamed batch, its slots widened once SeTok's counts are known, packs exactly as the same
     conversations encoded with their real counts up front (the token cache's way)."""
+    from data.conversations import collate_conversations, widen
     from setokim import TextTokenizer, encode_conversation, pack
     tok = TextTokenizer(os.path.join(worlds['captions'], 'tokenizer.model'))
     turns = [[{'from': 'human', 'value': '<image>\nWhat colour?'}, {'from': 'gpt', 'value': 'red'},
@@ -204,18 +190,18 @@ def test_widen_gives_the_token_cache_layout(tsm, worlds):
     for i, t in enumerate(tgt.tolist()):
         if t >= 0:
             items[i]['target'] = S
-    b = tsm.collate_conversations(items)
+    b = collate_conversations(items)
     assert b['src'].tolist() == src.tolist() and b['tgt'].tolist() == tgt.tolist() and b['images'].shape == (5, 3, 8, 8)
     want = pack([encode_conversation(tok, t, lambda out, i=i: (off[tgt[i] if out else src[i]].item(),
                                                                ntok[tgt[i] if out else src[i]].item()), vis)
                  for i, t in enumerate(turns)], src, b['mask_id'], tok.seg)
-    got, cut = tsm.widen(b, ntok, off, tok.seg, 1000)
+    got, cut = widen(b, ntok, off, tok.seg, 1000)
     assert cut == 0
     for k in want.__dataclass_fields__:
         assert torch.equal(getattr(got, k), getattr(want, k)), k
     assert got.n_reg.tolist() == [0, 2, 0, 4, 0] and got.has_seg.tolist() == [False] * 4 + [True]   # targets' counts
     # cut at max_len: every conversation keeps its first max_len positions
-    short, cut = tsm.widen(b, ntok, off, tok.seg, 12)
+    short, cut = widen(b, ntok, off, tok.seg, 12)
     assert cut == int((want.length > 12).sum()) > 0 and torch.equal(short.length, want.length.clamp(max=12))
     assert torch.equal(short.ids[:12], want.ids[:12])
 
