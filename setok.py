@@ -165,16 +165,22 @@ class ViT(nn.Module):
                                      for _ in range(depth)])
         self.ln = nn.LayerNorm(dim, eps=s['eps'])
 
-    def forward(self, img):                                       # img (B, 3, H, W) in [0, 1]
+    def forward(self, img, tap=None):
+        """img (B, 3, H, W) in [0, 1] -> patch features (B, N, C). With tap=L also the hidden state
+        after the first L blocks (L=0: the patch embeddings), (B, N, C), without any LayerNorm."""
         x = self.patch((img - self.mean) / self.std)              # (B, C, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)                          # (B, N, C)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], 1)   # (B, 1+N, C)
         x = self.ln_pre(x + self.pos)
-        for blk in self.blocks:
+        tapped = []
+        for i, blk in enumerate(self.blocks):
+            if i == tap:
+                tapped.append(x)
             x = blk(x)
         x = self.ln(x)
-        return x[:, 1:] if self.cls is not None else x            # (B, N, C) patches only
+        patches = (lambda t: t[:, 1:]) if self.cls is not None else (lambda t: t)   # drop the class token
+        return patches(x) if tap is None else (patches(x), patches(tapped[0]))
 
     def freeze(self):
         """A fixed feature extractor, as the paper's frozen SigLIP: no gradients (so no optimizer
@@ -252,6 +258,14 @@ def density_peak_cluster_reference(x, k=5, threshold=0.5, min_tokens=1, max_toke
     for c, i in enumerate(centres):
         labels[i] = c
     return torch.tensor(labels), n
+
+
+# Which features to group. The paper clusters the output of a frozen, pretrained SigLIP. An encoder
+# trained from scratch (the toy) learns in its last blocks what the reconstruction needs, such as
+# edges and where a patch sits inside its object, and its output stops grouping by object: the rims of
+# objects form clusters of their own. Its first blocks stay local and group by object far better (the
+# README's table). So SeTokConfig.cluster_layer picks the features the clustering reads; the merger
+# always pools the encoder's output.
 
 
 # -----------------------------------------------------------------------------
@@ -339,6 +353,8 @@ class SeTokConfig:
     cluster_k: int = 5
     cluster_threshold: float = 0.5
     cluster_pos_weight: float = 1.0
+    cluster_layer: int = -1   # which features are clustered: -1 the encoder's output (as the paper);
+                              # L >= 0 the hidden state after its first L blocks (0: patch embeddings)
     min_tokens: int = 1
     max_tokens: int = 16
     grid_size: int = 3        # tokens per side for tokenizer='grid'
@@ -351,6 +367,7 @@ class SeTok(nn.Module):
     def __init__(self, cfg: SeTokConfig):
         super().__init__()
         assert cfg.tokenizer in ('setok', 'grid', 'patch'), f"unknown tokenizer {cfg.tokenizer}"
+        assert -1 <= cfg.cluster_layer < cfg.depth, f"cluster_layer={cfg.cluster_layer}: expected -1 or 0..{cfg.depth - 1}"
         self.cfg = cfg
         self.grid = cfg.image_size // cfg.patch_size
         self.encoder = ViT(cfg.image_size, cfg.patch_size, cfg.dim, cfg.depth, cfg.n_head, cfg.vit_style,
@@ -364,7 +381,7 @@ class SeTok(nn.Module):
         return {'setok': c.max_tokens, 'grid': c.grid_size ** 2, 'patch': self.grid ** 2}[c.tokenizer]
 
     def cluster(self, x):
-        """x (B, N, C) encoder features -> labels (B, N), num_tokens (B,)."""
+        """x (B, N, C) the features to group -> labels (B, N), num_tokens (B,)."""
         c, (B, N, _) = self.cfg, x.shape
         if c.tokenizer == 'grid':
             return grid_labels(B, self.grid, c.grid_size, x.device), torch.full((B,), c.grid_size ** 2, device=x.device)
@@ -375,8 +392,12 @@ class SeTok(nn.Module):
 
     def forward(self, img):
         """img (B, 3, H, W) in [0,1] -> tokens (B, K, D), token_mask (B, K) bool, labels (B, N)."""
-        x = self.encoder(img)                                               # (B, N, C)
-        labels, num_tokens = self.cluster(x)                                # (B, N), (B,)
+        if self.cfg.cluster_layer < 0:
+            x = feats = self.encoder(img)                                   # (B, N, C)
+        else:   # group on earlier, more local features (see cluster_layer above), merge the final ones
+            x, h = self.encoder(img, tap=self.cfg.cluster_layer)            # (B, N, C) twice
+            feats = F.layer_norm(h, h.shape[-1:])                           # a common scale, no weights
+        labels, num_tokens = self.cluster(feats)                            # (B, N), (B,)
         tokens, token_mask = self.merger(x, self.pos, labels, num_tokens, self.max_tokens)
         return tokens, token_mask, labels
 

@@ -66,6 +66,7 @@ tokenizer = 'setok'               # setok | grid | patch
 cluster_k = 5
 cluster_threshold = 0.5         # on rho * delta, distances in units of the mean feature length (setok.py)
 cluster_pos_weight = 1.0
+cluster_layer = -1                # clustered features: -1 the encoder's output, L the hidden state after L blocks
 min_tokens = 1
 max_tokens = 16
 grid_size = 3
@@ -394,6 +395,10 @@ if __name__ == '__main__':
         globals().update(shape)
         if master:
             print(f"encoder: {vit_init} ({', '.join(f'{k}={v}' for k, v in shape.items())})")
+    if tokenizer not in ('setok', 'grid', 'patch'):
+        die(f"tokenizer={tokenizer}: expected setok, grid or patch")
+    if not -1 <= cluster_layer < depth:
+        die(f"cluster_layer={cluster_layer}: expected -1 (the encoder's output) or a number of blocks 0..{depth - 1}")
     if smoke:
         smoke_test(setok_config(config), detok_config(config), dev, ctx)
         sys.exit(0)

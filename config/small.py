@@ -15,6 +15,7 @@ inter_depth = 2
 max_tokens = 12
 cluster_k = 3
 cluster_pos_weight = 0.25
+cluster_layer = 1             # group on the features after the first block (README: SeTok on the toy)
 cluster_threshold = 0.5
 dec_patch_size = 8
 dec_dim = 96

@@ -108,8 +108,8 @@ def test_intra_cluster_token_depends_only_on_its_own_patches():
 
 
 def tiny_setok(**kw):
-    cfg = SeTokConfig(image_size=32, patch_size=4, dim=32, depth=1, n_head=4, token_dim=24, intra_depth=1,
-                      inter_depth=1, max_tokens=8, cluster_threshold=0.5, **kw)
+    cfg = SeTokConfig(**{**dict(image_size=32, patch_size=4, dim=32, depth=1, n_head=4, token_dim=24, intra_depth=1,
+                                inter_depth=1, max_tokens=8, cluster_threshold=0.5), **kw})
     torch.manual_seed(0)
     return SeTok(cfg).eval()
 
@@ -122,6 +122,25 @@ def test_setok_shapes_and_baselines():
         assert tokens.shape == (3, K, 24) and mask.shape == (3, K) and labels.shape == (3, 64)
         assert (labels < mask.sum(1, keepdim=True)).all()
     assert torch.equal(grid_labels(1, 4, 2)[0].view(4, 4), torch.tensor([[0, 0, 1, 1]] * 2 + [[2, 2, 3, 3]] * 2))
+
+
+def test_cluster_layer_groups_the_tapped_features():
+    """cluster_layer=L clusters the hidden state after the first L blocks, and the merger pools the
+    encoder's output: changing the later blocks changes the tokens, never the clusters."""
+    img = torch.stack([blocky(n, n) for n in (1, 3, 4)])
+    m = tiny_setok(depth=3, cluster_layer=1)
+    x, h = m.encoder(img, tap=1)
+    enc = m.encoder
+    want = enc.blocks[0](enc.patch((img - enc.mean) / enc.std).flatten(2).transpose(1, 2) + enc.pos)
+    assert torch.allclose(h, want, atol=1e-6) and torch.equal(x, m.encoder(img))
+    with torch.no_grad():
+        tokens, _, labels = m(img)
+        assert torch.equal(labels, m.cluster(torch.nn.functional.layer_norm(h, (32,)))[0])
+        for p in m.encoder.blocks[1:].parameters():
+            p.add_(0.5 * torch.randn_like(p))
+        tokens2, _, labels2 = m(img)
+    assert torch.equal(labels, labels2) and not torch.allclose(tokens, tokens2)
+    assert labels.max() > 0                                             # more than one cluster
 
 
 def blocky(n, seed, size=32):
