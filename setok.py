@@ -8,6 +8,7 @@ Read this file top to bottom; it is the tutorial.
       -> ViT encoder                      patch features   x      (B, N, C)   N = (H/p)*(W/p)
       -> density-peak clustering          labels                  (B, N)      a cluster id per patch
                                           num_tokens              (B,)        how many clusters
+           (grouping x, or an earlier block's features: cluster_layer, end of section 3)
       -> token merger                     tokens                  (B, K, D)   K = max_tokens (padded)
            intra-cluster transformer      (patches attend only within their own cluster)
            average pool per cluster
