@@ -202,10 +202,11 @@ class ViT(nn.Module):
 #   * scale-free: distances are divided by the mean length |x_i| of the image's feature vectors, so
 #     `threshold` (on rho * delta) means the same whatever the scale of the features: a centre must
 #     be dense AND about `threshold` feature lengths away from anything denser. For LayerNorm
-#     outputs that unit is nearly the same for every image. Dividing by the image's mean pairwise distance instead (our first version) makes the
-#     unit shrink for a plain image and grow for a busy one, so the token count stops following the
-#     number of objects (one toy checkpoint, about 4.5 tokens per image either way: Spearman of
-#     tokens vs objects 0.45 with the pairwise unit, 0.81 with this one);
+#     outputs that unit is nearly the same for every image. Dividing by the image's mean pairwise
+#     distance instead (our first version) makes the unit shrink for a plain image and grow for a
+#     busy one, so the token count stops following the number of objects (one toy checkpoint,
+#     about 4.5 tokens per image either way: Spearman of tokens vs objects 0.45 with the pairwise
+#     unit, 0.81 with this one);
 #   * deterministic: density ties are broken by patch index (lower index counts as denser), never
 #     by random noise;
 #   * k (the kNN size for density) is its own setting, and the token count is clamped to
