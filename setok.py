@@ -174,14 +174,14 @@ class ViT(nn.Module):
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], 1)   # (B, 1+N, C)
         x = self.ln_pre(x + self.pos)
-        tapped = []
+        hidden = None
         for i, blk in enumerate(self.blocks):
             if i == tap:
-                tapped.append(x)
+                hidden = x                                        # (B, [1+]N, C) before block i
             x = blk(x)
         x = self.ln(x)
         patches = (lambda t: t[:, 1:]) if self.cls is not None else (lambda t: t)   # drop the class token
-        return patches(x) if tap is None else (patches(x), patches(tapped[0]))
+        return patches(x) if tap is None else (patches(x), patches(hidden))
 
     def freeze(self):
         """A fixed feature extractor, as the paper's frozen SigLIP: no gradients (so no optimizer

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import die
-from data.loader import ImageError, WorldDataset, _load_with_map, line_tasks, load_image
+from data.loader import (ImageError, WorldDataset, _load_with_map, line_tasks, load_image, load_instruct, load_png,
+                         load_split)
 from setokim import Bank, TextTokenizer, encode_conversation, pack, reading_order
 
 TASKS = ('caption', 'vqa', 'refer', 't2i', 'edit')
@@ -62,7 +63,6 @@ def setok_rows(setok, img, ctx):
 @torch.no_grad()
 def build_split_cache(setok, world_dir, split, dev, ctx, batch_size=256):
     """SeTok on every image of a split (sources, then their edit targets), in reading order."""
-    from data.loader import load_png, load_split
     data = load_split(world_dir, split)
     recs = data['records']
     edits = np.stack([load_png(world_dir, f"edits/{split}/{r['id']}.png", 'RGB')
@@ -105,7 +105,6 @@ def token_cache(setok, setok_path, overrides, world_dir, dev, ctx, master, ddp, 
 
 def conversations(world_dir, split, tok, cache, vis_id):
     """A split's conversations, tokenised once: Packed arrays + the per-conversation fields eval needs."""
-    from data.loader import load_instruct
     convs = load_instruct(world_dir, split)
     where = {p: i for i, p in enumerate(cache['paths'])}
     off, ntok = cache['off'].tolist(), cache['ntok'].tolist()
