@@ -1,29 +1,33 @@
 """
 The detokenizer: from a variable-length set of SeTok tokens back to pixels.
 
-Every token paints one layer of the image and the layers are blended by per-pixel weights (a
-spatial-broadcast decoder with alpha compositing, as in Slot Attention / MONet):
+Every token draws one sprite (a small S x S picture with an alpha channel) in its own frame, and
+the sprites are alpha-composited into the image, as in layered / sprite-based scene models
+(MONet, Slot Attention's spatial-broadcast decoder, MarioNette):
 
     tokens (B, K, D), token_mask (B, K)
-      -> geometry: each token's centre (x, y) and spread (sx, sy), read from the token     (B, K, 2) x2
-      -> for every token k and output patch m (p x p pixels at position pos_m):
-           h = W_t token_k + W_r phi((pos_m - centre_k) / spread_k) + W_p pos_m           (B, K, M, C)
-           MLP -> p*p colours and p*p alpha logits                                        (B, K, M, p*p*4)
-      -> alpha softmax over the real tokens (+ a soft ball around each centre)
-      -> image = sum_k alpha_k * colour_k, unpatchified                                   (B, 3, H, W)
+      -> frame:  each token's centre (x, y) and spread (sx, sy), read from the token        (B, K, 2) x2
+      -> sprite: an MLP turns each token into S x S colours (3) and alpha logits (1)        (B*K, 4, S, S)
+      -> every pixel is looked up in every token's sprite at its coordinates relative to the
+         token's frame, (pixel - centre) / (R * spread), with bilinear interpolation        (B, K, 4, H*W)
+      -> alpha: softmax over the real tokens of (sprite alpha logit - log spread area)
+      -> image = sum_k alpha_k * colour_k                                                  (B, 3, H, W)
 
-Why this shape and not a transformer over the pixels: a token stands for one concept (an object, a
-piece of background), so the natural renderer lets each token draw its own region. Working in
-coordinates relative to the token's centre and spread makes "draw a large red circle here" the same
-function wherever the circle is and whatever its size, which is what lets it learn in minutes on a CPU.
-The queries never see the clustering, only the tokens: centre and spread are *predicted* from the
-token (trained against the centroid and spread of the token's cluster, `geometry_loss`), so the
-same renderer draws the tokens that SETOKIM writes.
+Why sprites: a token stands for one concept (an object, a piece of background), so the natural
+renderer lets each token draw its own region. In the token's frame a red star looks the same wherever
+it is and however large it is, so one S x S template per concept is all the MLP has to learn; the
+bilinear lookup of alpha *logits* puts the edge between two sprite cells, so edges come out sharp at
+sub-pixel positions (the softmax over tokens turns a steep logit into a hard boundary). It is also
+cheap: the MLP runs once per token, not per (token, pixel) pair, and the per-pixel work is one
+grid_sample. Where sprites overlap the smaller one wins (- log area, as in a mixture of densities), so
+objects sit on their background. A token's frame is *predicted* from the token (trained against the
+centroid and spread of the token's cluster, `geometry_loss`, and by the pixels through the lookup),
+never read from the clustering, so the same renderer draws the tokens that SETOKIM writes.
 
-Loss (detok_loss): mean squared error on pixels (what PSNR measures) plus an L1 loss on the
-horizontal and vertical finite differences of the image. The gradient term is free (no pretrained
-network such as LPIPS, which we cannot download here) and penalises blurred edges much more than
-flat regions, which is exactly where a pure L2 loss is content with a blurry average.
+Loss (detok_loss): mean squared error on pixels (what PSNR measures) plus an optional L1 loss on the
+horizontal and vertical finite differences of the image, a free sharpness term (no pretrained
+network such as LPIPS, which we cannot download here) that penalises blurred edges much more than
+flat regions, where a pure L2 loss is content with a blurry average.
 """
 from dataclasses import dataclass
 
@@ -31,33 +35,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from setok import pos_embed_2d
-
-N_FREQ = 4    # sin/cos frequencies of the relative coordinates fed to the painter
+from setok import MLP
 
 
 @dataclass
 class DetokConfig:
     image_size: int = 64
-    patch_size: int = 4       # each (token, output patch) pair paints p x p pixels
     token_dim: int = 128      # D, the width of SeTok's tokens
-    dim: int = 64             # width of the painter MLP
-    depth: int = 3            # its layers
+    sprite_size: int = 16     # S: each token's sprite is S x S cells
+    sprite_range: float = 3.0  # R: the sprite spans centre +- R spreads (a disc of radius r has spread r/2)
+    dim: int = 256            # hidden width of the token -> sprite MLP
+    sharpness: float = 10.0   # alpha logit = sharpness * the sprite's alpha channel (see forward)
 
 
-def patch_coords(g, p=1):
-    """Centres of a (g*p) x (g*p) pixel grid, grouped per g x g patch, in [-1, 1] image units, (x, y).
-    -> (g*g, p*p, 2), row-major patches, row-major pixels inside each patch."""
-    c = (torch.arange(g * p, dtype=torch.float32) + 0.5) / (g * p) * 2 - 1               # (g*p,)
-    y, x = torch.meshgrid(c, c, indexing='ij')                                           # (g*p, g*p)
-    xy = torch.stack([x, y], -1).view(g, p, g, p, 2).permute(0, 2, 1, 3, 4)              # (g, g, p, p, 2)
-    return xy.reshape(g * g, p * p, 2)
+def pixel_coords(n):
+    """Centres of an n x n grid in [-1, 1] image units, (x, y), row-major. -> (n*n, 2)"""
+    c = (torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1                        # (n,)
+    y, x = torch.meshgrid(c, c, indexing='ij')                                           # (n, n)
+    return torch.stack([x, y], -1).view(n * n, 2)
 
 
 def cluster_geometry(labels, grid, K):
     """Each cluster's centroid and spread (std, at least half a patch) in [-1, 1] image units, from
     its patches. labels (B, N) -> centre (B, K, 2), spread (B, K, 2). Empty slots get 0 and 1/grid."""
-    xy = patch_coords(grid).to(labels.device)[:, 0]                                       # (N, 2)
+    xy = pixel_coords(grid).to(labels.device)                                            # (N, 2)
     onehot = F.one_hot(labels, K).float()                                                # (B, N, K)
     n = onehot.sum(1).clamp_min(1)[..., None]                                            # (B, K, 1)
     mean = onehot.transpose(1, 2) @ xy / n                                               # (B, K, 2)
@@ -69,16 +70,9 @@ class Detokenizer(nn.Module):
     def __init__(self, cfg: DetokConfig):
         super().__init__()
         self.cfg = cfg
-        g, p, C = cfg.image_size // cfg.patch_size, cfg.patch_size, cfg.dim
-        self.grid = g
-        self.register_buffer('xy', patch_coords(g, p), persistent=False)                 # (M, p*p, 2) pixels
-        self.register_buffer('pos', pos_embed_2d(g, g, C), persistent=False)             # (M, C)
+        self.register_buffer('pix', pixel_coords(cfg.image_size), persistent=False)     # (H*W, 2)
         self.geo = nn.Linear(cfg.token_dim, 4)                  # -> centre (2), log spread (2)
-        self.paint = nn.Linear(cfg.token_dim, 3 + 1 + 3)        # -> flat colour (3), edge sharpness (1), ball mix (3)
-        self.from_token = nn.Linear(cfg.token_dim, C)
-        self.from_rel = nn.Linear(2 + 4 * N_FREQ, C)
-        self.mlp = nn.ModuleList([nn.Linear(C, C) for _ in range(cfg.depth - 1)])
-        self.head = nn.Linear(C, p * p * 4)                     # p*p colours (3) and alpha logits (1)
+        self.sprite = MLP(cfg.token_dim, cfg.dim, 4 * cfg.sprite_size ** 2)   # -> S*S colours (3) + alpha logit (1)
 
     def geometry(self, tokens):
         """tokens (B, K, D) -> centre (B, K, 2) in [-1, 1], spread (B, K, 2) > 0."""
@@ -87,35 +81,24 @@ class Detokenizer(nn.Module):
 
     def forward(self, tokens, token_mask):
         B, K, _ = tokens.shape
-        p, g = self.cfg.patch_size, self.grid
+        H, S = self.cfg.image_size, self.cfg.sprite_size
         centre, spread = self.geometry(tokens)                                           # (B, K, 2) x2
-        # relative coordinates of every pixel to every token's centre, in units of its spread
-        rel = (self.xy[None, None] - centre[:, :, None, None]) / spread[:, :, None, None]  # (B, K, M, p*p, 2)
-        r = rel.mean(3)                                                                  # (B, K, M, 2) patch centres
-        freqs = 2.0 ** torch.arange(N_FREQ, device=r.device) * 0.5                       # (F,)
-        phi = torch.cat([r, (r[..., None] * freqs).flatten(-2).sin(), (r[..., None] * freqs).flatten(-2).cos()], -1)
-        h = self.from_token(tokens)[:, :, None] + self.from_rel(phi) + self.pos          # (B, K, M, C)
-        for lin in self.mlp:
-            h = lin(F.gelu(h, approximate='tanh'))
-        out = self.head(F.gelu(h, approximate='tanh')).view(B, K, g * g, p * p, 4)        # (B, K, M, p*p, 4)
-        # Each token first paints a flat colour inside a soft ball around its centre: the ball is a
-        # token-chosen mix of the L2 (disc), L1 (diamond) and L-inf (square) unit balls in its own
-        # (spread-scaled) coordinates, with a token-chosen edge sharpness. The MLP adds the details
-        # (colour variation, other outlines) on top, per pixel.
-        paint = self.paint(tokens.float())                                               # (B, K, 7)
-        colour, sharp, mix = paint[..., :3], F.softplus(paint[..., 3] + 3), paint[..., 4:].softmax(-1)
-        a = rel.abs()                                                                    # (B, K, M, p*p, 2)
-        balls = torch.stack([rel.pow(2).sum(-1).add(1e-6).sqrt(), a.sum(-1), a.amax(-1)], -1)  # (B, K, M, p*p, 3)
-        dist = (balls * mix[:, :, None, None]).sum(-1)                                   # (B, K, M, p*p)
-        # the ball's edge sits at 2 spreads (a disc of radius R has spread R/2); where balls overlap the
-        # smaller one wins (- log area, as in a mixture of densities), so objects sit on their background
-        prior = sharp[:, :, None, None] * (2 - dist) - spread.log().sum(-1)[:, :, None, None]
-        logit = out[..., 3] + prior                                                      # (B, K, M, p*p)
-        logit = logit.masked_fill(~token_mask[:, :, None, None], float('-inf'))
+        # every pixel in every token's frame: [-1, 1] spans the sprite, beyond it the border repeats
+        uv = (self.pix - centre[:, :, None]) / (self.cfg.sprite_range * spread[:, :, None])  # (B, K, H*W, 2)
+        # grid_sample turns these into memory offsets: a NaN or inf (a diverged run) crashes it on the CPU.
+        # Past +-1 the border repeats anyway, so the clamp changes nothing for finite values.
+        uv = torch.nan_to_num(uv).clamp(-1.5, 1.5)
+        sprites = self.sprite(tokens).float().view(B * K, 4, S, S)                       # (B*K, 4, S, S)
+        out = F.grid_sample(sprites, uv.view(B * K, 1, H * H, 2), mode='bilinear',
+                            padding_mode='border', align_corners=False).view(B, K, 4, H * H)  # (B, K, 4, H*W)
+        # A hard edge needs alpha logits that jump by ~10 between neighbouring cells. Adam moves every
+        # weight at about the same rate whatever its gradient, so un-scaled logits take thousands of
+        # steps to grow that steep (the edges stay soft); the gain makes them steep from the start.
+        logit = self.cfg.sharpness * out[:, :, 3] - spread.log().sum(-1)[..., None]     # (B, K, H*W) smaller wins
+        logit = logit.masked_fill(~token_mask[..., None], float('-inf'))
         alpha = logit.softmax(1)                                                         # over tokens
-        rgb = (alpha[..., None] * (out[..., :3] + colour[:, :, None, None])).sum(1) + 0.5  # (B, M, p*p, 3)
-        x = rgb.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)                          # (B, 3, g, p, g, p)
-        return x.reshape(B, 3, g * p, g * p)                                              # (B, 3, H, W)
+        rgb = (alpha[:, :, None] * out[:, :, :3]).sum(1) + 0.5                           # (B, 3, H*W)
+        return rgb.view(B, 3, H, H)                                                      # (B, 3, H, W)
 
     def geometry_loss(self, tokens, token_mask, labels, grid):
         """MSE between each real token's predicted centre / log spread and those of its cluster."""
@@ -145,9 +128,12 @@ def load_setok(path, device='cpu', **overrides):
     """A trained SeTok and its detokenizer from a train_setok.py checkpoint, in eval mode.
     overrides: SeTokConfig fields to change that do not touch the weights (the clustering settings,
     tokenizer='grid'|'patch'). Returns (setok, detok, checkpoint dict)."""
-    from common import load_checkpoint, load_weights
+    from common import die, load_checkpoint, load_weights
     from setok import SeTok, SeTokConfig
     ck = load_checkpoint(path, kind='setok', what='SeTok checkpoint')
+    for cls, key in ((SeTokConfig, 'setok_config'), (DetokConfig, 'detok_config')):
+        if set(ck[key]) != set(cls.__dataclass_fields__):
+            die(f"{path} is from another version of nanoSeTok ({key} has other fields); retrain it with this code")
     setok = SeTok(SeTokConfig(**{**ck['setok_config'], **overrides}))
     detok = Detokenizer(DetokConfig(**ck['detok_config']))
     sd = ck['model']

@@ -96,9 +96,8 @@ n_head = 0
 token_dim = 0
 intra_depth = 0
 inter_depth = 0
-dec_patch_size = 0
+dec_sprite_size = 0
 dec_dim = 0
-dec_depth = 0
 llm_n_layer = 0            # the SETOKIM shape (train_setokim.py's names)
 llm_n_head = 0
 llm_n_embd = 0
@@ -109,7 +108,7 @@ mask_n_head = 0
 # -----------------------------------------------------------------------------
 
 ARCH_KEYS = ('image_size', 'patch_size', 'dim', 'depth', 'n_head', 'token_dim', 'intra_depth', 'inter_depth')
-DEC_KEYS = ('patch_size', 'dim', 'depth')           # DetokConfig fields, dec_ prefixed here
+DEC_KEYS = ('sprite_size', 'dim')           # DetokConfig fields, dec_ prefixed here
 LLM_KEYS = {'llm_n_layer': 'n_layer', 'llm_n_head': 'n_head', 'llm_n_embd': 'n_embd', 'block_size': 'block_size',
             'mask_dim': 'mask_dim', 'mask_depth': 'mask_depth', 'mask_n_head': 'mask_n_head'}   # -> GPTConfig
 SETOKIM_RUN = ('setokim/stage2.pt', 'setokim/stage1.pt')   # what train_setokim.py writes into out_dir

@@ -45,10 +45,9 @@ def pos_embed_2d(h, w, dim):
 
 
 class Attention(nn.Module):
-    """Multi-head attention. Self-attention when ctx is None, else cross-attention to ctx.
-    mask: bool, broadcastable to (B, heads, Nq, Nk), True = may attend."""
+    """Multi-head self-attention. mask: bool, broadcastable to (B, heads, Nq, Nk), True = may attend."""
 
-    def __init__(self, dim, n_head, ctx_dim=None):
+    def __init__(self, dim, n_head):
         super().__init__()
         assert dim % n_head == 0
         self.n_head = n_head
@@ -56,16 +55,15 @@ class Attention(nn.Module):
         # no bias on keys/values: a key bias cancels in the softmax and a value bias passes straight
         # into proj's bias, so both would be dead weights that Adam only fills with noise. The same
         # two facts load pretrained attention (which has them) exactly: Block.pretrained_state
-        self.kv = nn.Linear(ctx_dim or dim, 2 * dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, ctx=None, mask=None, cache=None):
+    def forward(self, x, mask=None, cache=None):
         """cache (a dict, used by setokim.py's generation): this layer's keys/values so far; the new
         ones are appended to it and x attends to all of them (a KV cache)."""
         B, Nq, C = x.shape
-        ctx = x if ctx is None else ctx
         q = self.q(x).view(B, Nq, self.n_head, C // self.n_head).transpose(1, 2)            # (B, h, Nq, C/h)
-        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(x).view(B, Nq, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is not None:
             if 'k' in cache:
                 k, v = torch.cat([cache['k'], k], 2), torch.cat([cache['v'], v], 2)        # (B, h, Nk, C/h)
@@ -93,21 +91,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). With ctx_dim it also
-    cross-attends (between self-attention and the MLP) to a context sequence. mlp_hidden, act and
-    eps exist for pretrained encoders (CLIP, SigLIP) whose shapes differ from ours."""
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)). mlp_hidden, act and eps
+    exist for pretrained encoders (CLIP, SigLIP) whose shapes differ from ours."""
 
-    def __init__(self, dim, n_head, ctx_dim=None, mlp_hidden=None, act='gelu_tanh', eps=1e-5):
+    def __init__(self, dim, n_head, mlp_hidden=None, act='gelu_tanh', eps=1e-5):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, n_head)
-        if ctx_dim is not None:
-            self.ln_x, self.ln_ctx, self.xattn = nn.LayerNorm(dim), nn.LayerNorm(ctx_dim), Attention(dim, n_head, ctx_dim)
         self.ln2, self.mlp = nn.LayerNorm(dim, eps=eps), MLP(dim, mlp_hidden, act=act)
 
-    def forward(self, x, mask=None, ctx=None, ctx_mask=None, cache=None):
+    def forward(self, x, mask=None, cache=None):
         x = x + self.attn(self.ln1(x), mask=mask, cache=cache)
-        if ctx is not None:
-            x = x + self.xattn(self.ln_x(x), self.ln_ctx(ctx), mask=ctx_mask)
         return x + self.mlp(self.ln2(x))
 
     @staticmethod

@@ -215,7 +215,7 @@ class GPT(nn.Module):
 # 3) Sequences.
 #
 # 3a) SeTok's tokens are a SET: the merger's inter-cluster transformer has no token positions and
-# the detokenizer cross-attends to them as a set, so their order is free, but an LLM reads and writes
+# the detokenizer draws each as its own sprite, so their order is free, but an LLM reads and writes
 # a SEQUENCE. We put every image's tokens in READING ORDER: by the centroid of each token's cluster,
 # top to bottom in `bands` horizontal bands, left to right inside a band (the order the world's
 # captions list objects in). The labels are renumbered with the same permutation, so "patch n belongs

@@ -79,9 +79,9 @@ vit_style = 'nano'                # nano | clip | siglip
 vit_mlp = 0                       # encoder MLP width (0: 4 * dim)
 vit_act = ''                      # encoder MLP nonlinearity ('': the style's)
 # detokenizer (DetokConfig with a dec_ prefix)
-dec_patch_size = 4
-dec_dim = 64
-dec_depth = 3
+dec_sprite_size = 16              # each token draws an S x S sprite
+dec_dim = 256                     # hidden width of the token -> sprite MLP
+dec_sharpness = 10.0              # gain on the sprites' alpha logits (detok.py: steep edges from the start)
 # concept text encoder
 text_dim = 128
 text_depth = 2
@@ -121,8 +121,8 @@ def setok_config(cfg):
 
 
 def detok_config(cfg):
-    return DetokConfig(image_size=cfg['image_size'], patch_size=cfg['dec_patch_size'], token_dim=cfg['token_dim'],
-                       dim=cfg['dec_dim'], depth=cfg['dec_depth'])
+    return DetokConfig(image_size=cfg['image_size'], token_dim=cfg['token_dim'], sprite_size=cfg['dec_sprite_size'],
+                       dim=cfg['dec_dim'], sharpness=cfg['dec_sharpness'])
 
 
 class Tokenizer(nn.Module):

@@ -344,7 +344,7 @@ def test_frozen_encoder_stays_in_eval_mode_and_out_of_autograd():
 # the training scripts: vit_init + freeze_encoder, init_from=<GPT-2 folder>, smoke=True
 
 TINY = ['image_size=32', 'token_dim=32', 'intra_depth=1', 'inter_depth=1', 'max_tokens=6', 'cluster_threshold=0.5',
-        'dec_patch_size=8', 'dec_dim=32', 'dec_depth=1', 'text_dim=32', 'text_depth=1', 'eval_images=8',
+        'dec_sprite_size=8', 'dec_dim=32', 'text_dim=32', 'text_depth=1', 'eval_images=8',
         'threads=1', 'batch_size=4', 'max_iters=2', 'eval_interval=2', 'warmup_iters=1', 'learning_rate=1e-2']
 
 
@@ -386,7 +386,7 @@ def test_train_setok_smoke_on_the_full_preset_shrunk_with_a_frozen_siglip(tmp_pa
     cfg, sd = tiny_vision('siglip', C=C, L=1, H=4, I=I, p=16, image=64)   # 4 x 4 grid, resized to our 8 x 8
     folder = write_hf(tmp_path / 'siglip', cfg, sd)
     r = run_script('train_setok.py', 'config=full', 'smoke=True', 'threads=1', 'image_size=128', 'token_dim=32',
-                   'dec_dim=16', 'dec_depth=1', 'text_dim=32', 'text_depth=1', 'max_tokens=8', f'vit_init={folder}',
+                   'dec_dim=16', 'text_dim=32', 'text_depth=1', 'max_tokens=8', f'vit_init={folder}',
                    'freeze_encoder=True')
     assert 'vit_style=siglip' in r.stdout and 'encoder siglip, frozen' in r.stdout
     # the encoder's parameters, counted independently: patches (weight + bias), learned positions (8 x 8),

@@ -16,7 +16,7 @@ from setokim import (SETOKIM, Bank, GPTConfig, MaskDecoder, TextTokenizer, colla
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SETOK = ['image_size=32', 'patch_size=4', 'dim=32', 'depth=1', 'n_head=4', 'token_dim=32', 'intra_depth=1',
-              'inter_depth=1', 'max_tokens=6', 'cluster_threshold=0.5', 'dec_patch_size=8', 'dec_dim=32', 'dec_depth=1',
+              'inter_depth=1', 'max_tokens=6', 'cluster_threshold=0.5', 'dec_sprite_size=8', 'dec_dim=32',
               'text_dim=32', 'text_depth=1', 'eval_images=8', 'threads=1', 'max_iters=2',
               'eval_interval=2', 'batch_size=8']
 TINY_LM = ['llm_n_layer=1', 'llm_n_head=2', 'llm_n_embd=32', 'block_size=128', 'mask_dim=16', 'mask_depth=1',

@@ -9,7 +9,7 @@ from conftest import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['image_size=32', 'patch_size=4', 'dim=32', 'depth=1', 'n_head=4', 'token_dim=32', 'intra_depth=1',
-        'inter_depth=1', 'max_tokens=6', 'cluster_threshold=0.5', 'dec_patch_size=8', 'dec_dim=32', 'dec_depth=1',
+        'inter_depth=1', 'max_tokens=6', 'cluster_threshold=0.5', 'dec_sprite_size=8', 'dec_dim=32',
         'text_dim=32', 'text_depth=1', 'eval_images=8', 'log_interval=1', 'warmup_iters=2',
         'learning_rate=3e-3', 'threads=1']
 
