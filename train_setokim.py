@@ -59,8 +59,8 @@ from common import (HERE, configure, die, load_checkpoint, load_preset, lr_at, p
 from pretrained import gpt2_shape, load_gpt2, pretrained_config, pretrained_weights, tiktoken_gpt2
 from setok import SeTokConfig
 from setokim import SETOKIM, Bank, GPTConfig, TextTokenizer, collate, encode_conversation, loss_counts, pack, visual_tokens
-from data.conversations import (KINDS, STREAM_TASKS, TASKS, Conversations, collate_conversations, conversations,
-                                make_bank, setok_rows, token_cache, widen)
+from data.conversations import (KINDS, STREAM_TASKS, TASKS, Conversations, answer_prior, collate_conversations,
+                                conversations, make_bank, setok_rows, token_cache, widen)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -187,7 +187,8 @@ def colour_iou(pred, target, colours, valid, tau=60 / 255):
 @torch.no_grad()
 def evaluate(model, detok, tok, test, records, tasks, gcfg, ctx, dev, max_image_tokens, panel_path=None):
     """Test-split metrics, greedy and batched:
-      VQA accuracy per kind and overall: exact match of the answer after strip/lower;
+      VQA accuracy per kind and overall: exact match of the answer after strip/lower; and the same
+        questions answered blind (answer_prior: the commonest train answer to the same question);
       caption object F1: parse_caption's (size, colour, shape) of the generated caption vs the image's
         objects, as multisets, pooled over all captions;
       referring mIoU (mean of per-sample IoUs) and cIoU (total intersection / total union), pixels
@@ -219,16 +220,19 @@ def evaluate(model, detok, tok, test, records, tasks, gcfg, ctx, dev, max_image_
     if sums[5] > 0:
         m['test_mask'] = (sums[2] / sums[5]).item()
     if 'vqa' in tasks:
-        hit, tot = Counter(), Counter()
+        hit, tot, prior = Counter(), Counter(), 0
         for r in chunks(rows_of('vqa')):
             with ctx:
                 ids, _ = model.generate(to(collate(P, bank, r, gcfg, prompt_extra=torch.zeros_like(r))), max_new_tokens=8)
             for j, row in enumerate(r.tolist()):                           # string comparison per answer
                 kind = KINDS[int(test['kind'][row])]
-                hit[kind] += tok.decode(ids[j].tolist()).strip().lower() == test['convs'][row]['answer'].strip().lower()
+                answer = test['convs'][row]['answer'].strip().lower()
+                hit[kind] += tok.decode(ids[j].tolist()).strip().lower() == answer
                 tot[kind] += 1
+                prior += test['prior'][row].strip().lower() == answer                # the text-only baseline
         m['vqa'] = sum(hit.values()) / max(1, sum(tot.values()))
         m.update({f'vqa_{k}': hit[k] / tot[k] for k in KINDS if tot[k]})
+        m['vqa_text_prior'] = prior / max(1, sum(tot.values()))
     if 'caption' in tasks:
         tp = n_pred = n_true = 0
         rows = rows_of('caption')
@@ -315,7 +319,8 @@ def fmt(m):
         return 'no held-out conversations of these tasks: eval skipped'
     parts = [f"test ce {m['test_ce']:.3f} reg {m['test_reg']:.3f}" + (f" mask {m['test_mask']:.3f}" if 'test_mask' in m else '')]
     if 'vqa' in m:
-        parts.append(f"VQA {m['vqa']:.3f} (" + ' '.join(f"{k} {m[f'vqa_{k}']:.2f}" for k in KINDS if f'vqa_{k}' in m) + ')')
+        parts.append(f"VQA {m['vqa']:.3f} (" + ' '.join(f"{k} {m[f'vqa_{k}']:.2f}" for k in KINDS if f'vqa_{k}' in m)
+                     + f"; text-only prior {m['vqa_text_prior']:.3f})")
     if 'caption_f1' in m:
         parts.append(f"caption F1 {m['caption_f1']:.3f}")
     if 'refer_miou' in m:
@@ -512,6 +517,7 @@ if __name__ == '__main__':
         test = conversations(world_dir, 'test', tok, cache['test'], vis_id)
         train['bank'], test['bank'] = make_bank(cache['train']), make_bank(cache['test'])
         test['images'] = cache['test']['images']
+        test['prior'] = answer_prior(train['convs'], test['convs'])
         with open(os.path.join(world_dir, 'test.jsonl')) as f:
             records = [json.loads(line) for line in f if line.strip()]
         longest = max(int(train['P'].length.max()), int(test['P'].length.max()))

@@ -124,6 +124,21 @@ def conversations(world_dir, split, tok, cache, vis_id):
             'kind': torch.tensor([KINDS.index(c['kind']) if c['task'] == 'vqa' else -1 for c in convs])}
 
 
+def answer_prior(train_convs, convs):
+    """The text-only baseline of VQA: for each conversation of `convs`, the answer given most often in
+    train to the same question text (else to its kind's questions), never looking at the image;
+    None for conversations that are not VQA. Eval reports its accuracy next to the model's, so that
+    what a model reads from the image shows as the difference (existence and relation are yes / no)."""
+    question = lambda c: c['conversations'][0]['value']
+    by_q, by_kind = {}, {}
+    for c in train_convs:
+        if c['task'] == 'vqa':
+            by_q.setdefault(question(c), Counter())[c['answer']] += 1
+            by_kind.setdefault(c['kind'], Counter())[c['answer']] += 1
+    return [(by_q.get(question(c)) or by_kind.get(c['kind']) or Counter({'': 1})).most_common(1)[0][0]
+            if c['task'] == 'vqa' else None for c in convs]
+
+
 def make_bank(c):
     return Bank(tokens=c['tokens'], off=c['off'], ntok=c['ntok'], labels=c['labels'], instances=c['instances'])
 

@@ -318,6 +318,19 @@ def test_reading_order_keeps_every_patch_on_its_token():
     assert torch.equal(l3, gl)
 
 
+def test_the_text_only_vqa_prior_never_reads_the_image():
+    from data.conversations import answer_prior
+    vqa = lambda q, a, kind: {'task': 'vqa', 'kind': kind, 'answer': a,
+                              'conversations': [{'from': 'human', 'value': f'<image>\n{q}'}, {'from': 'gpt', 'value': a}]}
+    train = [vqa('Is there a cat?', 'no', 'existence'), vqa('Is there a cat?', 'yes', 'existence'),
+             vqa('Is there a cat?', 'yes', 'existence'), vqa('Is there a dog?', 'no', 'existence'),
+             vqa('Is there a dog?', 'no', 'existence'), vqa('How many?', '3', 'count'), {'task': 'caption'}]
+    test = [vqa('Is there a cat?', 'no', 'existence'), vqa('Is there a dog?', 'no', 'existence'),
+            vqa('Is there an owl?', 'yes', 'existence'), vqa('How many dogs?', '1', 'count'), {'task': 'refer'}]
+    # the commonest train answer to the same question; an unseen question gets its kind's commonest answer
+    assert answer_prior(train, test) == ['yes', 'no', 'no', '3', None]
+
+
 def test_mask_decoder_learns_a_tiny_problem():
     """Four images of 4x4 patches; the referred token is named by a one-hot query; a few Adam steps
     must lower BCE + dice clearly."""
