@@ -220,7 +220,7 @@ def evaluate(model, detok, tok, test, records, tasks, gcfg, ctx, dev, max_image_
     if sums[5] > 0:
         m['test_mask'] = (sums[2] / sums[5]).item()
     if 'vqa' in tasks:
-        hit, tot, prior = Counter(), Counter(), 0
+        hit, tot, prior = Counter(), Counter(), Counter()
         for r in chunks(rows_of('vqa')):
             with ctx:
                 ids, _ = model.generate(to(collate(P, bank, r, gcfg, prompt_extra=torch.zeros_like(r))), max_new_tokens=8)
@@ -229,10 +229,11 @@ def evaluate(model, detok, tok, test, records, tasks, gcfg, ctx, dev, max_image_
                 answer = test['convs'][row]['answer'].strip().lower()
                 hit[kind] += tok.decode(ids[j].tolist()).strip().lower() == answer
                 tot[kind] += 1
-                prior += test['prior'][row].strip().lower() == answer                # the text-only baseline
+                prior[kind] += test['prior'][row].strip().lower() == answer          # the text-only baseline
         m['vqa'] = sum(hit.values()) / max(1, sum(tot.values()))
         m.update({f'vqa_{k}': hit[k] / tot[k] for k in KINDS if tot[k]})
-        m['vqa_text_prior'] = prior / max(1, sum(tot.values()))
+        m['vqa_text_prior'] = sum(prior.values()) / max(1, sum(tot.values()))
+        m.update({f'vqa_text_prior_{k}': prior[k] / tot[k] for k in KINDS if tot[k]})
     if 'caption' in tasks:
         tp = n_pred = n_true = 0
         rows = rows_of('caption')
