@@ -331,6 +331,20 @@ def test_the_text_only_vqa_prior_never_reads_the_image():
     assert answer_prior(train, test) == ['yes', 'no', 'no', '3', None]
 
 
+def test_length_grouped_batches_pad_less_and_stay_shuffled():
+    from data.conversations import length_grouped_order
+    gen = lambda seed=0: torch.Generator().manual_seed(seed)
+    length = torch.randint(5, 80, (1000,), generator=gen(7))
+    plain, grouped = length_grouped_order(length, 32, 0, gen()), length_grouped_order(length, 32, 8, gen())
+    for o in (plain, grouped):
+        assert sorted(o.tolist()) == list(range(1000)), "every conversation once per epoch"
+    longest = lambda o: length[o[:992]].view(-1, 32).max(1).values        # (31,) what each batch pads to
+    assert longest(grouped).sum() < 0.8 * longest(plain).sum()
+    assert not (longest(grouped)[1:] >= longest(grouped)[:-1]).all(), "batches in shuffled order, not by length"
+    assert torch.equal(grouped, length_grouped_order(length, 32, 8, gen()))          # exact resume
+    assert not torch.equal(grouped, length_grouped_order(length, 32, 8, gen(1)))
+
+
 def test_mask_decoder_learns_a_tiny_problem():
     """Four images of 4x4 patches; the referred token is named by a one-hot query; a few Adam steps
     must lower BCE + dice clearly."""

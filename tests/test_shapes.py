@@ -350,6 +350,29 @@ def test_parse_caption():
     assert P.parse_caption('nothing here, just a red thing') == []
 
 
+def test_caption_guess_hedges_over_the_cell_the_caption_names(world):
+    """t2i's caption-only baseline: each object averaged over its 3x3 cell, on the mean background."""
+    S, grey = 64, np.full((64, 64, 3), 0.25)
+    obj = {'shape': 'square', 'size': 'large', 'color': 'red', 'position': 'center'}
+    g = P.caption_guess([obj], grey, S)
+    red = np.array(P.COLORS['red']) / 255
+    f = (g - 0.25) / (red - 0.25)                           # (S, S, 3) the share of renders covering a pixel
+    assert np.allclose(f, f[..., :1]) and f.min() >= -1e-9 and f.max() <= 1 + 1e-9
+    f = f[..., 0]
+    assert np.isclose(f.sum(), P.shape_mask('square', 'large', S).sum()), "each render paints the whole square"
+    assert np.allclose(f[:8], 0) and np.allclose(f[:, :8], 0), "nothing outside the cell's reach"
+    assert f[32, 32] > 0.5 and 0 < f[32, 22] < f[32, 32], "a blur centred on the cell"
+    assert np.array_equal(g, P.caption_guess([obj], grey, S)), "deterministic for a given seed"
+    # on real images the hedge beats both the background alone and every object at its cell's centre
+    recs = jsonl(os.path.join(world, 'train.jsonl'))
+    bg = P.mean_background(recs, S)
+    psnr = lambda a, b: -10 * np.log10(((a - b) ** 2).mean())
+    truth = [png(world, r['image']).astype(np.float64) / 255 for r in recs]
+    hedge = np.mean([psnr(P.caption_guess(r['objects'], bg, S), t) for r, t in zip(recs, truth)])
+    blank = np.mean([psnr(bg, t) for t in truth])
+    assert hedge > blank + 0.5, (hedge, blank)
+
+
 def test_tokenizer(world):
     import sentencepiece as spm
     meta = json.load(open(os.path.join(world, 'meta.json')))
