@@ -107,7 +107,7 @@ llm_batch_size = 32               # conversations per process per micro-step
 llm_grad_accum = 1
 llm_length_groups = 0             # >0: batches of similar lengths (in memory only): each run of this many global batches
                                   # of an epoch's shuffle is sorted by length, cut into batches, the batches shuffled.
-                                  # config=small at 8: rows pad to 37 tokens, not 71, and a stage-2 step is 1.9x cheaper,
+                                  # config=small at 8: rows pad to 37 tokens, not 71, and a stage-2 step 2x cheaper,
                                   # but it learned less: test CE 0.191 at stage-2 step 2000 (of 7000) against 0.133
                                   # with plain batches (step 2000 of 3500). So 0
 llm_learning_rate = 1e-3
