@@ -473,15 +473,13 @@ def caption_guess(objects, background, image_size, n=16, seed=0):
     S, rng = image_size, np.random.default_rng(seed)
     out = np.zeros((S, S, 3))
     for _ in range(n):
-        img = np.array(background, dtype=np.float64)
+        placed = []
         for o in objects:
-            pm = shape_mask(o['shape'], o['size'], S)
-            h, w = pm.shape
+            h, w = shape_mask(o['shape'], o['size'], S).shape
             row, col = divmod(POSITIONS.index(o['position']), 3)
             cx, cy = (col + rng.random()) * S / 3, (row + rng.random()) * S / 3     # a centre in its cell
-            x0, y0 = (int(np.clip(round(c - (e - 1) / 2), 0, S - e)) for c, e in ((cx, w), (cy, h)))
-            img[y0:y0 + h, x0:x0 + w][pm] = np.array(COLORS[o['color']]) / 255
-        out += img / n
+            placed.append({**o, 'xy': tuple(int(np.clip(round(c - (e - 1) / 2), 0, S - e)) for c, e in ((cx, w), (cy, h)))})
+        out += render(255 * np.asarray(background, dtype=np.float64), placed, S)[0] / (255 * n)
     return out
 
 
