@@ -175,23 +175,31 @@ class GPT(nn.Module):
             if name.endswith('attn.proj.weight') or name.endswith('mlp.out.weight'):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
 
-    def forward(self, x, real, caches=None):
+    def forward(self, x, real, caches=None, doc=None):
         """x (B, T, C): input embeddings of the T newest positions (text ids embedded, visual tokens
         scattered in: SETOKIM.embed). real (B, Ta) bool over ALL positions so far, cached ones first
         (Ta = T without a cache): True for real tokens, False for padding.
         caches: one dict per block (setok.Attention's KV cache), filled and extended in place.
+        doc (B, T) long, packed training rows only (collate's pack_rows; no cache): which conversation
+        each position belongs to. A position then sees only its own conversation, and positions count
+        from each conversation's first token.
         Returns the final hidden states (B, T, C) (after ln_f; lm_head turns them into logits)."""
         B, T, _ = x.shape
         Ta = real.shape[1]
-        pos = (real.long().cumsum(1) - 1).clamp(min=0)[:, Ta - T:]          # (B, T) real tokens before
+        qi = torch.arange(Ta - T, Ta, device=x.device)[:, None]             # (T, 1) query positions
+        kj = torch.arange(Ta, device=x.device)[None, :]                     # (1, Ta) key positions
+        if doc is None:
+            pos = (real.long().cumsum(1) - 1).clamp(min=0)[:, Ta - T:]      # (B, T) real tokens before
+            # causal + padding: query i may see key j <= i that is a real token; every query also sees
+            # itself, so a padding row is never all-masked (that would give NaNs that leak into the sums)
+            mask = (kj <= qi) & (real[:, None, :] | (kj == qi))             # (B, T, Ta)
+        else:
+            new = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)      # (B, T) a conversation starts
+            pos = kj - torch.where(new, kj, 0).cummax(1).values             # (B, T) places since its start
+            mask = (kj <= qi) & (doc[:, None, :] == doc[:, :, None])        # (B, T, T) causal, same conversation
         if Ta > self.cfg.block_size:       # (only then can a position overflow; no device sync otherwise)
             assert int(pos.max()) < self.cfg.block_size, f"sequence longer than block_size={self.cfg.block_size}"
         x = x + self.wpe(pos)
-        # causal + padding: query i may see key j <= i that is a real token; every query also sees
-        # itself, so a padding row is never all-masked (that would give NaNs that leak into the sums)
-        qi = torch.arange(Ta - T, Ta, device=x.device)[:, None]             # (T, 1) query positions
-        kj = torch.arange(Ta, device=x.device)[None, :]                     # (1, Ta) key positions
-        mask = (kj <= qi) & (real[:, None, :] | (kj == qi))                 # (B, T, Ta)
         for i, blk in enumerate(self.blocks):
             x = blk(x, mask=mask[:, None], cache=None if caches is None else caches[i])
         return self.ln_f(x)                                                 # (B, T, C)
@@ -335,29 +343,55 @@ def pack(encoded, img, mask_id, seg_id):
                   n_ce=per_conv(ans & ~first), n_reg=per_conv(out), has_seg=per_conv(ans & (ids == seg_id)) > 0)
 
 
-def collate(P, bank, rows, cfg, prompt_extra=None):
-    """Conversations `rows` (B,) of P -> a padded batch (dict of tensors), vectorised: no loop.
-    Training batches are right-padded. With prompt_extra (B,) (0 or 1) the batch holds only the
-    prompts (up to [ASSISTANT], plus prompt_extra answer tokens, e.g. a forced [Img] or [SEG]),
-    LEFT-padded so that every prompt ends in the last column (for generation).
-      idx (B,T) ids, pad where padding      real (B,T) bool
-      vis_mask (B,T) visual slots           vis (M, D) their SeTok tokens, in row-major order
-      targets (B,T) next id where it is an answer token, else -1
-      reg_mask (B,T) positions whose NEXT token is a written visual token, reg_target (R, D) that token
-      seg_rows (S,) batch rows with a [SEG] answer, seg_pos (S,) its position, seg_tokens (S,K,D),
-      seg_token_mask (S,K), seg_labels (S,N) long, seg_gt (S,H,W) float: the input image of each"""
+def row_slots(length, cap):
+    """Packing: conversations of these lengths (B,) into as few rows of `cap` positions as first-fit
+    decreasing finds (longest first, each into the first row it fits). -> row (B,), start (B,) long.
+    A loop over at most a batch's B integers (bookkeeping, no tensor work); collate does the rest
+    vectorised. With cap = the longest conversation, no row is wider than the padded batch."""
+    fill, row, start = [], [0] * len(length), [0] * len(length)
+    for i in sorted(range(len(length)), key=lambda i: -length[i]):
+        r = next((r for r, f in enumerate(fill) if f + length[i] <= cap), len(fill))
+        if r == len(fill):
+            fill.append(0)
+        row[i], start[i] = r, fill[r]
+        fill[r] += length[i]
+    return torch.tensor(row, dtype=torch.long), torch.tensor(start, dtype=torch.long)
+
+
+def collate(P, bank, rows, cfg, prompt_extra=None, pack_rows=False):
+    """Conversations `rows` (B,) of P -> a padded batch (dict of tensors), vectorised.
+    Training batches are right-padded, one conversation per row; with pack_rows, several
+    conversations share a row (row_slots) and `doc` keeps them apart: the GPT lets a position attend
+    only within its own conversation and restarts the positions at each, so a packed batch computes
+    what the one-per-row batch does, on fewer padded positions (config=small: about half).
+    With prompt_extra (B,) (0 or 1) the batch holds only the prompts (up to [ASSISTANT], plus
+    prompt_extra answer tokens, e.g. a forced [Img] or [SEG]), one per row, LEFT-padded so that every
+    prompt ends in the last column (for generation). Rows: B' (= B unless packed).
+      idx (B',T) ids, pad where padding     real (B',T) bool
+      doc (B',T) long: the conversation (0..B-1) of each position, -1 on padding (training batches)
+      vis_mask (B',T) visual slots          vis (M, D) their SeTok tokens, in row-major order
+      targets (B',T) next id where it is an answer token, else -1
+      reg_mask (B',T) positions whose NEXT token is a written visual token, reg_target (R, D) that token
+      seg_rows (S,), seg_pos (S,) the row and position of each conversation's [SEG] answer,
+      seg_tokens (S,K,D), seg_token_mask (S,K), seg_labels (S,N) long, seg_gt (S,H,W) float: the input
+      image of each"""
     rows = torch.as_tensor(rows, dtype=torch.long)
     L = P.length[rows] if prompt_extra is None else P.prompt_len[rows] + torch.as_tensor(prompt_extra)
     T = int(L.max())
-    t = torch.arange(T)
     if prompt_extra is None:
-        real = t[None] < L[:, None]                                         # (B, T) right padding
-        src = P.off[rows][:, None] + t[None]
+        row, start = row_slots(L.tolist(), T) if pack_rows else (torch.arange(len(rows)), torch.zeros_like(rows))
+        conv = torch.arange(len(rows)).repeat_interleave(L)                 # (n,) conversation of each real position
+        within = torch.arange(len(conv)) - (L.cumsum(0) - L)[conv]          # (n,) its place in the conversation
+        dest = row[conv] * T + start[conv] + within                         # (n,) its place in the batch, flat
+        shape = (int(row.max()) + 1, T)
+        src = torch.zeros(shape[0] * T, dtype=torch.long).index_put_((dest,), P.off[rows][conv] + within).view(shape)
+        doc = torch.full((shape[0] * T,), -1).index_put_((dest,), conv).view(shape)   # (B', T)
+        real = doc >= 0
     else:
+        t = torch.arange(T)
         start = T - L                                                       # left padding
         real = t[None] >= start[:, None]
-        src = P.off[rows][:, None] + t[None] - start[:, None]
-    src = torch.where(real, src, 0)                                         # (B, T) flat position
+        src = torch.where(real, P.off[rows][:, None] + t[None] - start[:, None], 0)   # (B, T) flat position
     idx = torch.where(real, P.ids[src], cfg.pad_id)
     ref = torch.where(real, P.ref[src], -1)
     ans, out = real & P.ans[src], real & P.out[src]
@@ -365,17 +399,21 @@ def collate(P, bank, rows, cfg, prompt_extra=None):
     b = {'idx': idx, 'real': real, 'vis_mask': vis_mask, 'vis': bank.tokens[ref[vis_mask]].float()}
     if prompt_extra is not None:
         return b
-    # the target at t is the token at t+1 when that token is part of an answer
-    b['targets'] = F.pad(torch.where(ans[:, 1:], idx[:, 1:], -1), (0, 1), value=-1)       # (B, T)
-    b['reg_mask'] = F.pad(out[:, 1:], (0, 1), value=False)                               # (B, T)
+    b['doc'] = doc
+    # the target at t is the token at t+1 when that token is part of an answer (a conversation's first
+    # token never is, so no target crosses from one packed conversation into the next)
+    b['targets'] = F.pad(torch.where(ans[:, 1:], idx[:, 1:], -1), (0, 1), value=-1)       # (B', T)
+    b['reg_mask'] = F.pad(out[:, 1:], (0, 1), value=False)                               # (B', T)
     b['reg_target'] = bank.tokens[ref[:, 1:][out[:, 1:]]].float()                        # (R, D)
-    seg = ans & (idx == cfg.seg_id)                                                      # (B, T)
-    seg_rows = seg.any(1).nonzero()[:, 0]                                                # (S,)
-    img = P.img[rows[seg_rows]]
-    b['seg_rows'], b['seg_pos'] = seg_rows, seg[seg_rows].float().argmax(1)
+    seg_r, seg_t = (ans & (idx == cfg.seg_id)).nonzero(as_tuple=True)                    # every [SEG] answer
+    seg_c = doc[seg_r, seg_t]
+    first = torch.ones_like(seg_c, dtype=torch.bool)
+    first[1:] = seg_c[1:] != seg_c[:-1]                                                  # each conversation's first
+    b['seg_rows'], b['seg_pos'], seg_c = seg_r[first], seg_t[first], seg_c[first]        # (S,)
+    img = P.img[rows[seg_c]]
     b['seg_tokens'], b['seg_token_mask'] = bank.padded(img, K=max(1, int(bank.ntok[img].max())) if len(img) else 1)
     b['seg_labels'] = bank.labels[img].long()
-    b['seg_gt'] = (bank.instances[img].long() == P.mask_id[rows[seg_rows]][:, None, None]).float()
+    b['seg_gt'] = (bank.instances[img].long() == P.mask_id[rows[seg_c]][:, None, None]).float()
     return b
 
 
@@ -489,7 +527,7 @@ class SETOKIM(nn.Module):
         return x.index_put((vis_mask,), v.to(x.dtype))                      # scatter by the mask
 
     def hidden(self, b, caches=None):
-        return self.gpt(self.embed(b['idx'], b['vis_mask'], b['vis']), b['real'], caches)
+        return self.gpt(self.embed(b['idx'], b['vis_mask'], b['vis']), b['real'], caches, b.get('doc'))
 
     def forward(self, b, norm=None, ce_weight=1.0, reg_weight=1.0, mask_weight=1.0, cos_weight=1.0, dice_weight=1.0):
         """b: a batch from collate. norm: (n_ce, n_reg, n_seg) the counts each loss SUM is divided by

@@ -60,7 +60,7 @@ from pretrained import gpt2_shape, load_gpt2, pretrained_config, pretrained_weig
 from setok import SeTokConfig
 from setokim import SETOKIM, Bank, GPTConfig, TextTokenizer, collate, encode_conversation, loss_counts, pack, visual_tokens
 from data.conversations import (KINDS, STREAM_TASKS, TASKS, Conversations, answer_prior, collate_conversations,
-                                conversations, length_grouped_order, make_bank, setok_rows, token_cache, widen)
+                                conversations, make_bank, setok_rows, token_cache, widen)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -105,11 +105,8 @@ dice_weight = 1.0
 # optimiser (per stage: a fresh AdamW and a fresh schedule)
 llm_batch_size = 32               # conversations per process per micro-step
 llm_grad_accum = 1
-llm_length_groups = 0             # >0: batches of similar lengths (in memory only): each run of this many global batches
-                                  # of an epoch's shuffle is sorted by length, cut into batches, the batches shuffled.
-                                  # config=small at 8: rows pad to 37 tokens, not 71, and a stage-2 step 2x cheaper,
-                                  # but it learned less: test CE 0.191 at stage-2 step 2000 (of 7000) against 0.133
-                                  # with plain batches (step 2000 of 3500). So 0
+llm_pack_rows = True              # several conversations per row (setokim.collate): the same loss on fewer padded
+                                  # positions. False: one conversation per row, padded to the batch's longest
 llm_learning_rate = 1e-3
 stage1_max_iters = 1000
 stage2_max_iters = 3000
@@ -221,7 +218,7 @@ def evaluate(model, detok, tok, test, records, tasks, gcfg, ctx, dev, max_image_
     sums = torch.zeros(6)
     for r in chunks(torch.cat([rows_of(t) for t in tasks])):
         with ctx:
-            _, st = model(to(collate(P, bank, r, gcfg)))
+            _, st = model(to(collate(P, bank, r, gcfg, pack_rows=llm_pack_rows)))
         sums += torch.tensor([st['ce'].item(), st['reg'].item(), st['mask'].item(), st['n_ce'], st['n_reg'], st['n_seg']])
     m['test_ce'], m['test_reg'] = (sums[:2] / sums[3:5].clamp_min(1)).tolist()
     if sums[5] > 0:
@@ -574,7 +571,7 @@ if __name__ == '__main__':
         bank = Bank(tokens=toks, off=ntok.cumsum(0) - ntok, ntok=ntok, labels=labels, instances=b['instances'])
         P, cut = widen(b, ntok, bank.off, tok.seg, block_size)
         rows = torch.arange(len(P.length))
-        return {k: v.to(dev) for k, v in collate(P, bank, rows, gcfg).items()}, loss_counts(P, rows), cut
+        return {k: v.to(dev) for k, v in collate(P, bank, rows, gcfg, pack_rows=llm_pack_rows).items()}, loss_counts(P, rows), cut
 
     @torch.no_grad()
     def stream_token_stats():
@@ -745,8 +742,7 @@ if __name__ == '__main__':
                 for e in epoch.unique().tolist():                           # a step spans <= 2 epochs
                     if e not in perms:
                         perms.clear()
-                        perms[e] = length_grouped_order(train['P'].length[rows_all], G, llm_length_groups,
-                                                        torch.Generator().manual_seed(seed * 1000003 + s * 10007 + e))
+                        perms[e] = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1000003 + s * 10007 + e))
                     out_[epoch == e] = perms[e][pos[epoch == e]]
                 return rows_all[out_]
 
@@ -754,7 +750,7 @@ if __name__ == '__main__':
                 rows = global_rows(step)
                 norm = tuple(max(1, n) / world for n in loss_counts(train['P'], rows))
                 mine = [rows[(micro * world + rank) * llm_batch_size:][:llm_batch_size] for micro in range(llm_grad_accum)]
-                return [{k: v.to(dev) for k, v in collate(train['P'], train['bank'], r, gcfg).items()} for r in mine], norm
+                return [{k: v.to(dev) for k, v in collate(train['P'], train['bank'], r, gcfg, pack_rows=llm_pack_rows).items()} for r in mine], norm
 
         total = llm_lr_decay_iters or max_iters
         bar = tqdm(total=max_iters, initial=step, disable=not master, desc=f'stage {s}', dynamic_ncols=True)
@@ -776,7 +772,7 @@ if __name__ == '__main__':
                 loss_sum += loss.item() / world
                 acc += torch.tensor([st['ce'].item(), st['reg'].item(), st['mask'].item(), st['n_ce'], st['n_reg'], st['n_seg']])
                 tokens_seen += int(b['real'].sum()) * world
-                seqs_seen += len(b['idx']) * world
+                seqs_seen += (int(b['doc'].max()) + 1) * world           # conversations (rows may hold several)
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), llm_grad_clip)   # global: same on every rank
             if not (math.isfinite(loss_sum) and math.isfinite(gnorm.item())):
                 die(f"loss is {loss_sum} at stage {s} step {step}; stopping. The last good checkpoint is {ckpt_path[s]}: "

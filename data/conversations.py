@@ -139,22 +139,6 @@ def answer_prior(train_convs, convs):
             if c['task'] == 'vqa' else None for c in convs]
 
 
-def length_grouped_order(length, batch, groups, g):
-    """An epoch's order of N conversations of these lengths (N,), in batches of `batch`: a shuffle
-    (generator g); with groups > 0, each run of `groups` batches of it is sorted by length and cut into
-    batches, and the batches are shuffled, so that a batch holds conversations of similar lengths
-    (each row is padded to its batch's longest) while which conversations meet stays random. The
-    last, partial batch stays last. -> (N,) long."""
-    N = len(length)
-    perm = torch.randperm(N, generator=g)
-    if not groups:
-        return perm
-    run = torch.arange(N) // (batch * groups)                               # (N,) the run of each place
-    perm = perm[torch.sort(run * (int(length.max()) + 1) + length[perm], stable=True).indices]   # sorted in each run
-    nb = N // batch
-    return torch.cat([perm[:nb * batch].view(nb, batch)[torch.randperm(nb, generator=g)].flatten(), perm[nb * batch:]])
-
-
 def make_bank(c):
     return Bank(tokens=c['tokens'], off=c['off'], ntok=c['ntok'], labels=c['labels'], instances=c['instances'])
 

@@ -166,6 +166,41 @@ def test_loss_masks_cover_only_answers(tok):
     assert (st['n_ce'], st['n_reg'], st['n_seg']) == loss_counts(P, rows)
 
 
+def test_packed_rows_compute_exactly_what_one_conversation_per_row_does(tok):
+    """pack_rows puts several conversations into one row; the loss, every term's sum and count, and
+    every gradient must equal the one-per-row batch's, and a packed conversation's hidden states must
+    not depend on its neighbours in the row."""
+    bank, cfg = tiny_bank(), tiny_cfg(tok)
+    long = ([{'from': 'human', 'value': '<image>\nDescribe the image.'},
+             {'from': 'gpt', 'value': 'a small red circle at the top, a large blue square at the bottom left'}], 1, None, 0)
+    P = packed(tok, bank, cfg.vis_id, CONVS * 3 + [long])                 # 16 conversations, three [SEG] among them
+    rows = torch.tensor([3, 0, 4, 15, 9, 1, 14, 2, 8, 13, 5])
+    plain, pk = collate(P, bank, rows, cfg), collate(P, bank, rows, cfg, pack_rows=True)
+    assert len(pk['idx']) < len(plain['idx']) and pk['idx'].shape[1] == plain['idx'].shape[1]
+    assert int(pk['real'].sum()) == int(plain['real'].sum()) == int(P.length[rows].sum())
+    assert len(pk['seg_rows']) == len(plain['seg_rows']) == 3
+    assert (pk['idx'][pk['seg_rows'], pk['seg_pos']] == tok.seg).all()
+    torch.manual_seed(0)
+    model = SETOKIM(cfg)
+    grads = []
+    for b in (plain, pk):
+        model.zero_grad()
+        loss, st = model(b, norm=loss_counts(P, rows))
+        loss.backward()
+        grads.append((loss.detach(), st, [p.grad.clone() for p in model.parameters()]))
+    (l0, s0, g0), (l1, s1, g1) = grads
+    assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6)
+    for k in ('ce', 'reg', 'mask'):
+        assert torch.allclose(s0[k], s1[k], rtol=1e-5, atol=1e-5), k
+    assert [s0[k] for k in ('n_ce', 'n_reg', 'n_seg')] == [s1[k] for k in ('n_ce', 'n_reg', 'n_seg')]
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g0, g1))
+    # each conversation's hidden states, found in both batches by its doc id, are the same
+    with torch.no_grad():
+        h0, h1 = model.hidden(plain), model.hidden(pk)
+    for c in range(len(rows)):
+        assert torch.allclose(h0[plain['doc'] == c], h1[pk['doc'] == c], atol=1e-5)
+
+
 def test_every_parameter_gets_a_gradient_even_without_seg_or_images(tok):
     bank, cfg = tiny_bank(), tiny_cfg(tok)
     P = packed(tok, bank, cfg.vis_id)
@@ -329,20 +364,6 @@ def test_the_text_only_vqa_prior_never_reads_the_image():
             vqa('Is there an owl?', 'yes', 'existence'), vqa('How many dogs?', '1', 'count'), {'task': 'refer'}]
     # the commonest train answer to the same question; an unseen question gets its kind's commonest answer
     assert answer_prior(train, test) == ['yes', 'no', 'no', '3', None]
-
-
-def test_length_grouped_batches_pad_less_and_stay_shuffled():
-    from data.conversations import length_grouped_order
-    gen = lambda seed=0: torch.Generator().manual_seed(seed)
-    length = torch.randint(5, 80, (1000,), generator=gen(7))
-    plain, grouped = length_grouped_order(length, 32, 0, gen()), length_grouped_order(length, 32, 8, gen())
-    for o in (plain, grouped):
-        assert sorted(o.tolist()) == list(range(1000)), "every conversation once per epoch"
-    longest = lambda o: length[o[:992]].view(-1, 32).max(1).values        # (31,) what each batch pads to
-    assert longest(grouped).sum() < 0.8 * longest(plain).sum()
-    assert not (longest(grouped)[1:] >= longest(grouped)[:-1]).all(), "batches in shuffled order, not by length"
-    assert torch.equal(grouped, length_grouped_order(length, 32, 8, gen()))          # exact resume
-    assert not torch.equal(grouped, length_grouped_order(length, 32, 8, gen(1)))
 
 
 def test_mask_decoder_learns_a_tiny_problem():
