@@ -26,7 +26,7 @@ the world's special tokens). K, the number of tokens of an image, is that image'
          + mask_weight * (BCE + dice_weight * dice)          each sample uses the terms its data has
 
 Sections: 1) TextTokenizer  2) GPTConfig, GPT, GPT-2's weights  3) sequences: SeTok tokens in reading order,
-conversations -> packed arrays -> padded batches  4) MaskDecoder  5) SETOKIM: embedding, loss,
+conversations -> flat arrays -> batches (padded, or several conversations per row)  4) MaskDecoder  5) SETOKIM: embedding, loss,
 generation with a KV cache, segmentation  6) loading a trained model (load_setokim).
 """
 import itertools

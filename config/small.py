@@ -28,7 +28,7 @@ batch_size = 32
 max_iters = 1500
 eval_interval = 500
 # SETOKIM (train_setokim.py): a 4-layer, 192-wide GPT; stage 1 + stage 2 in about 30 minutes on 2 cores
-# (plus ~6 minutes, once, for SeTok's tokens of all 41k images and edit targets)
+# (plus ~3 minutes, once, for SeTok's tokens of all 41k images and edit targets)
 llm_n_layer = 4
 llm_n_head = 4
 llm_n_embd = 192
@@ -36,6 +36,7 @@ block_size = 640              # tokenizer=patch needs ~560 (256 tokens per image
 mask_dim = 128
 mask_depth = 2
 mask_n_head = 4
+reg_weight = 0.3              # the visual regression's weight: at 1.0 reading (VQA, captions, masks) learned less (README)
 llm_batch_size = 32
 llm_learning_rate = 1e-3
 llm_warmup_iters = 100
