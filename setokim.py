@@ -180,9 +180,9 @@ class GPT(nn.Module):
         scattered in: SETOKIM.embed). real (B, Ta) bool over ALL positions so far, cached ones first
         (Ta = T without a cache): True for real tokens, False for padding.
         caches: one dict per block (setok.Attention's KV cache), filled and extended in place.
-        doc (B, T) long, packed training rows only (collate's pack_rows; no cache): which conversation
-        each position belongs to. A position then sees only its own conversation, and positions count
-        from each conversation's first token.
+        doc (B, T) long, training batches only (collate; no cache): which conversation each position
+        belongs to (-1: padding). A position then sees only its own conversation, and positions count
+        from each conversation's first token, so several conversations may share a row (pack_rows).
         Returns the final hidden states (B, T, C) (after ln_f; lm_head turns them into logits)."""
         B, T, _ = x.shape
         Ta = real.shape[1]
