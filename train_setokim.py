@@ -187,6 +187,21 @@ def colour_iou(pred, target, colours, valid, tau=60 / 255):
 
 
 @torch.no_grad()
+def stat_vector(st):
+    """SETOKIM.forward's stats -> (6,): the sums of the three loss terms, then their counts; add these
+    up over batches (and processes) and divide with test_losses."""
+    return torch.tensor([float(st[k]) for k in ('ce', 'reg', 'mask', 'n_ce', 'n_reg', 'n_seg')])
+
+
+def test_losses(sums):
+    """Summed stat_vectors -> the mean text CE per answer token, regression per visual token and, when
+    there were masks, mask loss per sample."""
+    m = dict(zip(('test_ce', 'test_reg'), (sums[:2] / sums[3:5].clamp_min(1)).tolist()))
+    if sums[5] > 0:
+        m['test_mask'] = (sums[2] / sums[5]).item()
+    return m
+
+
 def evaluate(model, detok, tok, test, records, tasks, gcfg, ctx, dev, max_image_tokens, panel_path=None):
     """Test-split metrics, greedy and batched:
       VQA accuracy per kind and overall: exact match of the answer after strip/lower; and the same
@@ -219,10 +234,8 @@ def evaluate(model, detok, tok, test, records, tasks, gcfg, ctx, dev, max_image_
     for r in chunks(torch.cat([rows_of(t) for t in tasks])):
         with ctx:
             _, st = model(to(collate(P, bank, r, gcfg, pack_rows=llm_pack_rows)))
-        sums += torch.tensor([st['ce'].item(), st['reg'].item(), st['mask'].item(), st['n_ce'], st['n_reg'], st['n_seg']])
-    m['test_ce'], m['test_reg'] = (sums[:2] / sums[3:5].clamp_min(1)).tolist()
-    if sums[5] > 0:
-        m['test_mask'] = (sums[2] / sums[5]).item()
+        sums += stat_vector(st)
+    m.update(test_losses(sums))
     if 'vqa' in tasks:
         hit, tot, prior = Counter(), Counter(), Counter()
         for r in chunks(rows_of('vqa')):
@@ -607,15 +620,12 @@ if __name__ == '__main__':
             bb, _, _ = stream_batch(b)
             with ctx:
                 _, st = model(bb)
-            sums += torch.tensor([st['ce'].item(), st['reg'].item(), st['mask'].item(), st['n_ce'], st['n_reg'], st['n_seg']])
+            sums += stat_vector(st)
             n += len(b['length'])
             if n >= want:
                 break
         model.train()
-        m = dict(zip(('test_ce', 'test_reg'), (sums[:2] / sums[3:5].clamp_min(1)).tolist()), split=split, conversations=n)
-        if sums[5] > 0:
-            m['test_mask'] = (sums[2] / sums[5]).item()
-        return m
+        return dict(test_losses(sums), split=split, conversations=n)
 
     # ---- the model
     gcfg = gpt_config(tok, setok.cfg, llm_shape)
@@ -770,7 +780,7 @@ if __name__ == '__main__':
                     loss, st = fwd(b, norm=norm, **weights)
                     loss.backward()
                 loss_sum += loss.item() / world
-                acc += torch.tensor([st['ce'].item(), st['reg'].item(), st['mask'].item(), st['n_ce'], st['n_reg'], st['n_seg']])
+                acc += stat_vector(st)
                 tokens_seen += int(b['real'].sum()) * world
                 seqs_seen += (int(b['doc'].max()) + 1) * world           # conversations (rows may hold several)
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), llm_grad_clip)   # global: same on every rank
