@@ -60,7 +60,7 @@ from pretrained import gpt2_shape, load_gpt2, pretrained_config, pretrained_weig
 from setok import SeTokConfig
 from setokim import SETOKIM, Bank, GPTConfig, TextTokenizer, collate, encode_conversation, loss_counts, pack, visual_tokens
 from data.conversations import (KINDS, STREAM_TASKS, TASKS, Conversations, answer_prior, collate_conversations,
-                                conversations, make_bank, setok_rows, token_cache, widen)
+                                conversations, make_bank, parse_repeat, setok_rows, stage_rows, token_cache, widen)
 
 # -----------------------------------------------------------------------------
 # settings
@@ -108,6 +108,8 @@ llm_grad_accum = 1
 llm_pack_rows = True              # several conversations per row (setokim.collate): the same loss on fewer padded
                                   # positions. False: one conversation per row, padded to the batch's longest
 llm_learning_rate = 1e-3
+task_repeat = []                  # stage 2's mix, task:n entries: task_repeat=vqa:2,refer:2 puts each VQA and referring
+                                  # conversation into an epoch twice ([]: the world's mix once; data_dirs: use data_weights)
 stage1_max_iters = 1000
 stage2_max_iters = 3000
 llm_lr_decay_iters = 0            # 0: = the stage's max_iters
@@ -472,6 +474,9 @@ if __name__ == '__main__':
         die(f"stage={stage}: expected 0 (both), 1 or 2")
     if text_tokenizer not in ('sentencepiece', 'gpt2'):
         die(f"text_tokenizer={text_tokenizer}: expected sentencepiece or gpt2")
+    repeat = parse_repeat(task_repeat)
+    if repeat and data_dirs:
+        die("task_repeat mixes the shapes world's tasks; mix streamed worlds (data_dirs) with data_weights")
     pretrained = pretrained_dir()                  # '' or the GPT-2 folder init_from names
     if pretrained and text_tokenizer != 'gpt2':
         die(f"init_from={init_from}: GPT-2's weights only know GPT-2's BPE ids; add text_tokenizer=gpt2")
@@ -741,7 +746,7 @@ if __name__ == '__main__':
             # in memory: a fixed order of the stage's conversations per epoch, from (seed, stage, epoch);
             # a step number alone says which conversations it sees (exact resume), and rank r takes its
             # slices of the global batch (DDP == 1 process)
-            rows_all = torch.isin(train['task'], torch.tensor([TASKS.index(t) for t in STAGE_TASKS[s]])).nonzero()[:, 0]
+            rows_all = stage_rows(train['task'], STAGE_TASKS[s], repeat if s == 2 else {})
             N, G = len(rows_all), llm_batch_size * world * llm_grad_accum
             perms = {}
 

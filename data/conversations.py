@@ -139,6 +139,26 @@ def answer_prior(train_convs, convs):
             if c['task'] == 'vqa' else None for c in convs]
 
 
+def parse_repeat(items):
+    """train_setokim's task_repeat (['vqa:2', 'refer:2'], or 'vqa:2,refer:2') -> {'vqa': 2, 'refer': 2}."""
+    from data.loader import as_list
+    out = {}
+    for it in as_list(items):
+        task, _, n = it.partition(':')
+        if task not in TASKS or not n.isdigit() or int(n) < 1:
+            die(f"task_repeat: '{it}' is not task:n with a task of {', '.join(TASKS)} and n >= 1 (e.g. vqa:2)")
+        out[task] = int(n)
+    return out
+
+
+def stage_rows(task, tasks, repeat=None):
+    """The training conversations of one epoch of a stage: those whose task (task: (n,) index into
+    TASKS) is one of `tasks`, each repeat.get(its task, 1) times. -> (rows,) long, sorted."""
+    rows = torch.isin(task, torch.tensor([TASKS.index(t) for t in tasks])).nonzero()[:, 0]
+    times = torch.tensor([(repeat or {}).get(t, 1) for t in TASKS])
+    return rows.repeat_interleave(times[task[rows]])
+
+
 def make_bank(c):
     return Bank(tokens=c['tokens'], off=c['off'], ntok=c['ntok'], labels=c['labels'], instances=c['instances'])
 

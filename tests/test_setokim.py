@@ -366,6 +366,17 @@ def test_the_text_only_vqa_prior_never_reads_the_image():
     assert answer_prior(train, test) == ['yes', 'no', 'no', '3', None]
 
 
+def test_stage_rows_takes_the_stage_tasks_and_repeats_as_told():
+    from data.conversations import TASKS, parse_repeat, stage_rows
+    task = torch.tensor([TASKS.index(t) for t in ('caption', 'vqa', 'refer', 't2i', 'vqa', 'edit')])
+    assert stage_rows(task, ('caption', 't2i')).tolist() == [0, 3]
+    assert stage_rows(task, TASKS).tolist() == [0, 1, 2, 3, 4, 5]
+    repeat = parse_repeat('vqa:3,edit:2')
+    assert repeat == {'vqa': 3, 'edit': 2} and parse_repeat(['vqa:3', 'edit:2']) == repeat
+    assert stage_rows(task, TASKS, repeat).tolist() == [0, 1, 1, 1, 2, 3, 4, 4, 4, 5, 5]
+    assert stage_rows(task, ('caption', 't2i'), repeat).tolist() == [0, 3]
+
+
 def test_mask_decoder_learns_a_tiny_problem():
     """Four images of 4x4 patches; the referred token is named by a one-hot query; a few Adam steps
     must lower BCE + dice clearly."""
