@@ -188,7 +188,6 @@ def colour_iou(pred, target, colours, valid, tau=60 / 255):
     return iou[valid]
 
 
-@torch.no_grad()
 def stat_vector(st):
     """SETOKIM.forward's stats -> (6,): the sums of the three loss terms, then their counts; add these
     up over batches (and processes) and divide with test_losses."""
@@ -204,6 +203,7 @@ def test_losses(sums):
     return m
 
 
+@torch.no_grad()
 def evaluate(model, detok, tok, test, records, tasks, gcfg, ctx, dev, max_image_tokens, panel_path=None):
     """Test-split metrics, greedy and batched:
       VQA accuracy per kind and overall: exact match of the answer after strip/lower; and the same
@@ -746,7 +746,7 @@ if __name__ == '__main__':
             # in memory: a fixed order of the stage's conversations per epoch, from (seed, stage, epoch);
             # a step number alone says which conversations it sees (exact resume), and rank r takes its
             # slices of the global batch (DDP == 1 process)
-            rows_all = stage_rows(train['task'], STAGE_TASKS[s], repeat if s == 2 else {})
+            rows_all = stage_rows(train['task'], STAGE_TASKS[s], repeat if s == 2 else None)
             N, G = len(rows_all), llm_batch_size * world * llm_grad_accum
             perms = {}
 
