@@ -1,15 +1,19 @@
 """
-How fast is nanoSeTok, measured side by side on this machine. Prints one markdown table.
+How fast is nanoSeTok, measured side by side on this machine; and how big and how heavy are its
+models at a preset's shapes. Prints one markdown table.
 
-    python bench.py                                   # every row (CPU: about 15 minutes on 2 cores)
+    python bench.py                                   # every row but smoke (CPU: about 15 minutes on 2 cores)
     python bench.py rows=tokenize,ratio               # only SeTok's tokenization and its cost vs the encoder
     python bench.py rows=train presets=small          # training throughput of the two training scripts
     python bench.py device=cuda                       # the GPU rows (bf16 autocast, MFU)
     python bench.py compile=True                      # also torch.compile the batched tokenization
+    python bench.py rows=smoke config=full            # both models at config/full.py's shapes: parameters, one step
+    python bench.py rows=smoke config=full device=cuda text_tokenizer=gpt2 init_from=pretrained/gpt2 \
+        vit_init=pretrained/siglip freeze_encoder=True    # ... as the paper builds them, memory at the real batch
 
-Machines here are shared and noisy, so every figure is either a ratio of two things timed in the
-same run, interleaved (A, B, A, B, ... and the median of each side), or a throughput printed next to
-the machine's name. The rows:
+Machines here are shared and noisy, so every speed figure is either a ratio of two things timed in
+the same run, interleaved (A, B, A, B, ... and the median of each side), or a throughput printed next
+to the machine's name. The rows:
 
   tokenize  SeTok's tokenization (density-peak clustering + token merger), batched as setok.py does
             it, against the authors' algorithm: one image at a time (DPC-KNN on that image), one
@@ -25,33 +29,52 @@ the machine's name. The rows:
             MFU on GPU.
   ddp       train_setok.py under torchrun with 2 processes (gloo on CPU) against 1, same global batch.
   memory    peak resident memory of a config=small train_setok.py run on the real world.
+  smoke     (not in the default rows) what train_setok.py and train_setokim.py would build at a
+            preset's shapes, checked before a long run: config=NAME and the model settings below
+            (with vit_init / freeze_encoder, init_from / text_tokenizer). For each model: its
+            parameters per component, and one optimizer step on random data (no world, no
+            checkpoint) with its loss and time; on a GPU at the preset's batch, with the peak memory
+            of a second step (the first one warms up); on a CPU at 1 image / one conversation per
+            task (config=full: a few minutes and ~7 GB, RESULTS.md section 6).
 
 The features fed to the tokenizer are synthetic but shaped like real ones: each image is cut into
 R Voronoi regions (R drawn per image), each region has its own random feature, plus noise, so the
 clustering finds about R clusters of uneven sizes.
 
-The training rows time the scripts as a user runs them: bench.py reads their tqdm bar as it is
-printed and timestamps every step it shows, then takes the rate between the end of the warm-up
-steps (compilation included there) and the last step before the final eval.
+The training rows time the scripts as a user runs them, with log_interval=1: each script writes a
+record per step to its log.jsonl (common.RunLog; "time" is the wall clock since the run started),
+and bench.py reads that file once the run is over. The rate is taken between the first record at or
+after the warm-up steps (compilation happens there) and the last one before the final step (which
+the final eval follows). The scripts' printed output is kept only to say why a run failed.
 """
 import os
 import platform
 import re
+import resource
 import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict, fields
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from common import HERE, configure, die, load_preset, peak_flops, pick_device
-from setok import MLP, TokenMerger, ViT, density_peak_cluster, pos_embed_2d
+from common import HERE, RunLog, configure, die, load_preset, peak_flops, pick_device, timed_step
+from data.batch import Bank, collate, encode_conversation, pack
+from data.conversations import TASKS
+from data.shapes.prepare import ensure_world
+from data.text import TextTokenizer
+from detok import DetokConfig, Detokenizer, Tokenizer
+from pretrained import gpt2_shape, load_gpt2, load_vit, pretrained_config, pretrained_weights, vit_shape
+from setok import MLP, SeTok, SeTokConfig, TokenMerger, ViT, density_peak_cluster, pos_embed_2d
+from setokim import SETOKIM, GPTConfig
 
 # -----------------------------------------------------------------------------
 # settings
-rows = 'tokenize,ratio,train,ddp,memory'   # which rows, comma-separated
+rows = 'tokenize,ratio,train,ddp,memory'   # which rows, comma-separated (also: smoke)
 device = 'cpu'                    # cpu | cuda | cuda:1 | auto
 dtype = 'auto'                    # auto (bf16 autocast on capable GPUs, else float32) | float32 | bfloat16
 threads = 0                       # CPU threads, in this process and in the training scripts (0: torch's default)
@@ -59,13 +82,13 @@ repeats = 3                       # interleaved repetitions of each in-process t
 compile = False                   # tokenize/ratio rows: also time the batched path under torch.compile
 # tokenize / ratio
 shapes = 'paper,small'            # tokenize rows, at these shapes (see SHAPES; 'tiny' is for the tests)
-batch_size = 16                   # images per tokenization call
-ref_images = 4                    # the looped reference is timed on this many images and scaled to batch_size (0: all)
+tokenize_batch = 16               # images per tokenization call
+ref_images = 4                    # the looped reference is timed on this many images and scaled to tokenize_batch (0: all)
 ratio_shape = 'paper'             # the ratio row's shapes
 ratio_batch = 0                   # images in the ratio row (0: 16 on GPU, 2 on CPU where a 27-layer ViT is slow)
 # train / ddp / memory
 presets = 'small,full'            # train rows at these presets
-scripts = 'setok,setokim'         # train rows of train_setok.py and train_setokim.py
+scripts = 'setok,setokim'         # train and smoke rows: train_setok.py's model (SeTok) and train_setokim.py's (SETOKIM)
 train_steps = 12                  # timed steps per run (after the warm-up)
 train_warmup = 3                  # steps left out of the timing (the first ones compile)
 train_repeats = 2                 # runs per side (eager, compile; 1 or 2 processes), interleaved
@@ -73,6 +96,41 @@ full_cpu_batch = 0                # config=full on CPU: run train_setok.py at th
 ddp_threads = 1                   # threads per process in the ddp row
 mem_steps = 20                    # steps of the memory run
 bench_dir = 'out/bench'           # the small worlds and the runs' checkpoints
+# smoke: the model settings of train_setok.py and train_setokim.py, same names, same defaults;
+# config=NAME sets them from config/NAME.py as it does for the scripts
+seed = 1337
+smoke_compile = 'auto'            # the smoke steps under torch.compile: auto (on for CUDA, as the scripts) | True | False
+# SeTok: setok.SeTokConfig's fields and defaults, under the names train_setok.py gives them too
+globals().update(asdict(SeTokConfig()))
+vit_init = ''                     # '' = encoder from scratch | a CLIP / SigLIP folder (its config.json fixes the encoder)
+freeze_encoder = False            # the paper's frozen encoder: not in the optimizer
+# the detokenizer (detok.DetokConfig, dec_ prefix), the concept text encoder, the loss, the step
+dec_sprite_size = 16
+dec_dim = 256
+dec_sharpness = 10.0
+text_dim = 128
+text_depth = 2
+max_concepts = 6
+concept_len = 8
+recon_weight = 1.0
+contrast_weight = 1.0
+grad_weight = 1.0
+geo_weight = 1.0
+batch_size = 64                   # SeTok's images per step on a GPU (on a CPU: 1)
+learning_rate = 1e-3
+# SETOKIM (setokim.GPTConfig)
+llm_n_layer = 4
+llm_n_head = 4
+llm_n_embd = 192
+block_size = 640
+mask_dim = 128
+mask_depth = 2
+mask_n_head = 4
+mask_refine = True
+text_tokenizer = 'sentencepiece'  # sentencepiece | gpt2: the id layout (and size) of the stand-in text vocabulary
+init_from = 'scratch'             # scratch | a GPT-2 folder (Hugging Face layout; its config.json fixes the llm_ shape)
+llm_batch_size = 32               # conversations per step on a GPU (on a CPU: one per task of the stage)
+llm_learning_rate = 1e-3
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -91,7 +149,7 @@ SHAPES['small'] = dict(grid=_s['image_size'] // _s['patch_size'], patch=_s['patc
                        inter=_s['inter_depth'], token_dim=_s['token_dim'], k=_s['cluster_k'],
                        threshold=_s['cluster_threshold'], min_tokens=1, max_tokens=_s['max_tokens'],
                        pos_weight=_s['cluster_pos_weight'], regions=(3, 10))
-ROWS = ('tokenize', 'ratio', 'train', 'ddp', 'memory')
+ROWS = ('tokenize', 'ratio', 'train', 'ddp', 'memory', 'smoke')
 
 
 def split(text, allowed, what):
@@ -192,10 +250,10 @@ def merger_for(s, dev):
 
 @torch.no_grad()
 def tokenize_row(name, dev, ctx):
-    s = SHAPES[name]
+    s, B = SHAPES[name], tokenize_batch
     merger, pos = merger_for(s, dev)
-    x, R = voronoi_features(batch_size, s, dev)
-    n_ref = min(ref_images or batch_size, batch_size)
+    x, R = voronoi_features(B, s, dev)
+    n_ref = min(ref_images or B, B)
     fast = lambda xs: batched(merger, pos, xs, s)
     fns = {'eager': fast, **({'compiled': torch.compile(fast, dynamic=False)} if compile else {})}
     with ctx:
@@ -204,17 +262,17 @@ def tokenize_row(name, dev, ctx):
             fns['compiled'](x)                                              # compilation, at the timed shape
         (t_ref, *t_fast), (ref, *outs) = interleaved([lambda: looped(merger, pos, x[:n_ref], s),
                                                       *[lambda f=f: f(x) for f in fns.values()]], dev, repeats)
-    t_ref *= batch_size / n_ref                                            # the whole batch, linearly
+    t_ref *= B / n_ref                                                     # the whole batch, linearly
     num = outs[0][2].float()
     target = 50 if dev.startswith('cuda') else 10
-    scaled = f", looped timed on {n_ref} of {batch_size} images and scaled x{batch_size / n_ref:g}" if n_ref < batch_size else ''
+    scaled = f", looped timed on {n_ref} of {B} images and scaled x{B / n_ref:g}" if n_ref < B else ''
     out = []
     for kind, t, o in zip(fns, t_fast, outs):
         ok, check = agreement(o, ref)
         out.append(dict(
             row=f"tokenize, {name} shapes{', compiled' if kind == 'compiled' else ''}",
             figure=f"{t_ref / t:.1f}x faster", target=f">= {target}x", ok=t_ref / t >= target, check=check,
-            notes=f"batch {batch_size} x {s['grid'] ** 2} patches x {s['dim']}, {num.mean():.1f} clusters/image "
+            notes=f"batch {B} x {s['grid'] ** 2} patches x {s['dim']}, {num.mean():.1f} clusters/image "
                   f"(min {num.min():.0f}, max {num.max():.0f}), merger {s['intra']}+{s['inter']} blocks; "
                   f"batched {t:.3f} s, looped {t_ref:.3f} s per batch{scaled}; median of {repeats}"))
     return out
@@ -245,33 +303,24 @@ def ratio_row(dev, ctx):
 
 
 # -----------------------------------------------------------------------------
-# the training scripts, timed from their progress bars
-
-def run_timed(cmd, bar, timeout=3600):
-    """Run cmd from the repo root and timestamp every update of the tqdm bar called `bar` as it
-    arrives. -> {'steps': {n: first time n steps were shown}, 'text', 'rc', 'maxrss' (bytes)}."""
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
-    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    killer = threading.Timer(timeout, p.kill)
-    killer.start()
-    pat = re.compile(rf'{re.escape(bar)}:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)')
-    steps, chunks, pending = {}, [], b''
-    while chunk := os.read(p.stdout.fileno(), 1 << 16):
-        t = time.perf_counter()
-        chunks.append(chunk)
-        *lines, pending = re.split(rb'[\r\n]', pending + chunk)
-        for line in lines:
-            if m := pat.search(line.decode(errors='replace')):
-                steps.setdefault(int(m.group(1)), t)
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    killer.cancel()
-    text = b''.join(chunks).decode(errors='replace')
-    return {'steps': steps, 'text': text, 'rc': p.returncode, 'maxrss': usage.ru_maxrss * 1024}
-
+# the training scripts, timed from their logs (log.jsonl)
 
 class RunFailed(Exception):
     pass
+
+
+def run(cmd, timeout=3600):
+    """Run cmd from the repo root, its output captured (only to say why a run failed: the figures
+    come from the run's log.jsonl). -> {'text', 'rc', 'maxrss': the process's peak resident set, bytes}."""
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    killer = threading.Timer(timeout, p.kill)
+    killer.start()
+    text = p.stdout.read().decode(errors='replace')         # until the process closes its output
+    p.stdout.close()
+    _, status, usage = os.wait4(p.pid, 0)                   # wait4, not wait: it also gives the child's rusage
+    p.returncode = os.waitstatus_to_exitcode(status)
+    killer.cancel()
+    return {'text': text, 'rc': p.returncode, 'maxrss': usage.ru_maxrss * 1024}
 
 
 def check_run(r, what):
@@ -282,14 +331,35 @@ def check_run(r, what):
         raise RunFailed(f"{what} exited {r['rc']}: {' / '.join(where + lines[-1:])}".replace('|', '/'))
 
 
-def steps_per_s(r, warmup, total):
-    """The step rate between the first step shown after the warm-up and the last one before the end
-    (the final step is followed by an eval that may delay its display)."""
-    seen = sorted((n, t) for n, t in r['steps'].items() if warmup <= n < total)
+def read_log(path, what):
+    """The records of a finished run's log.jsonl (RunLog with enabled=False reads and never writes)."""
+    records = RunLog(path, enabled=False).records()
+    if not any(rec['kind'] == 'train' for rec in records):
+        raise RunFailed(f"{what} wrote no train records to {path}")
+    return records
+
+
+def train_records(records, stage=None):
+    """The train records (of one stage of train_setokim.py) as (step, record), in step order."""
+    return sorted(((rec['step'], rec) for rec in records
+                   if rec['kind'] == 'train' and (stage is None or rec.get('stage') == stage)), key=lambda x: x[0])
+
+
+def steps_per_s(records, warmup, total, stage=None):
+    """The step rate between the first train record at or after the warm-up steps and the last one
+    before the final step (`total`: the final step is followed by an eval, which may delay its record).
+    A record's step is the number of steps done and its time the wall clock since the run started."""
+    seen = [(n, rec['time']) for n, rec in train_records(records, stage) if warmup <= n < total]
     if len(seen) < 2:
-        raise RunFailed(f"too few steps shown to time ({seen}); raise train_steps")
+        raise RunFailed(f"too few train records to time ({[n for n, _ in seen]}); raise train_steps")
     (n0, t0), (n1, t1) = seen[0], seen[-1]
     return (n1 - n0) / (t1 - t0)
+
+
+def llm_tokens_per_step(records, stage):
+    """train_setokim.py: the LLM tokens of one step (all processes), over the stage's steps so far."""
+    n, last = train_records(records, stage)[-1]
+    return last['llm_tokens'] / n
 
 
 def python(script, *args, torchrun=0):
@@ -305,7 +375,6 @@ def free_port():
 
 def world(preset):
     """A small world of the preset's image size (steps cost the same whatever the dataset size)."""
-    from data.shapes.prepare import ensure_world
     size = load_preset(preset)['image_size']
     return ensure_world(os.path.join(bench_dir, f'world{size}'), workers=1, image_size=size,
                         n_train=256, n_val=16, n_test=16)
@@ -315,35 +384,44 @@ def common_args(preset, dev, nthreads):
     return [f'config={preset}', f'device={dev}', f'dtype={dtype}', f'threads={nthreads}']
 
 
+def fresh(path):
+    """A log path with no file from an earlier run in it (a run that writes none must not be timed from it)."""
+    if os.path.exists(path):
+        os.remove(path)
+    return path
+
+
 def setok_run(preset, dev, comp, steps, warmup, batch, nthreads, tag, nproc=0, data=None):
+    """train_setok.py, one record per step -> (run with its 'log' records, its checkpoint's path)."""
     out = os.path.join(bench_dir, f'setok_{preset}_{tag}')
+    log = fresh(os.path.join(HERE, out, 'log.jsonl'))
     args = [*common_args(preset, dev, nthreads), f'data_dir={data or world(preset)}', f'out_dir={out}',
-            f'max_iters={warmup + steps + 1}', 'eval_interval=1000000000', 'log_interval=1000000000',
+            f'max_iters={warmup + steps + 1}', 'eval_interval=1000000000', 'log_interval=1',
             'eval_images=16', f'compile={comp}', *([f'batch_size={batch}'] if batch else [])]
-    r = run_timed(python('train_setok.py', *args, torchrun=nproc), 'train_setok')
-    check_run(r, f"train_setok.py {' '.join(args)}")
+    what = f"train_setok.py {' '.join(args)}"
+    r = run(python('train_setok.py', *args, torchrun=nproc))
+    check_run(r, what)
+    r['log'] = read_log(log, what)
     return r, os.path.join(out, 'ckpt.pt')
 
 
 def setokim_run(preset, dev, comp, steps, warmup, nthreads, setok_ckpt, tag):
+    """train_setokim.py's stage 1, one record per step -> the run with its 'log' records."""
     out = os.path.join(bench_dir, f'setokim_{preset}')
+    log = fresh(os.path.join(HERE, out, tag, 'log.jsonl'))           # train_setokim.py logs in out_dir/run_name
     args = [*common_args(preset, dev, nthreads), f'data_dir={world(preset)}', f'out_dir={out}', f'setok_ckpt={setok_ckpt}',
             f'run_name={tag}', 'stage=1', f'stage1_max_iters={warmup + steps + 1}', 'llm_eval_interval=1000000000',
-            'log_interval=1000000000', 'eval_per_task=1', f'compile={comp}']
-    r = run_timed(python('train_setokim.py', *args), 'stage 1')
-    check_run(r, f"train_setokim.py {' '.join(args)}")
+            'log_interval=1', 'eval_per_task=1', f'compile={comp}']
+    what = f"train_setokim.py {' '.join(args)}"
+    r = run(python('train_setokim.py', *args))
+    check_run(r, what)
+    r['log'] = read_log(log, what)
     return r
 
 
 def mfu_setok(preset, dev, img_s):
     """Model FLOPs utilisation of train_setok.py: forward FLOPs of SeTok + detokenizer per image
     (counted by FlopCounterMode; the small text encoder is left out), x3 for forward + backward."""
-    from dataclasses import fields
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from detok import DetokConfig, Detokenizer
-    from setok import SeTok, SeTokConfig
     peak = peak_flops(dev)
     if peak is None:
         return 'MFU: peak FLOP/s of this GPU unknown'
@@ -358,15 +436,15 @@ def mfu_setok(preset, dev, img_s):
     return f"MFU {100 * 3 * fc.get_total_flops() / 2 * img_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s"
 
 
-def mfu_setokim(preset, dev, text, tok_s, seq_len):
+def mfu_setokim(preset, dev, records, tok_s, seq_len):
     """nanoGPT's estimate (setokim.GPT.estimate_mfu): 6N + 12 L C T FLOPs per token, N the GPT's
-    non-embedding parameters (as the script prints them), T the mean sequence length."""
+    non-embedding parameters (the setup record's gpt_params), T the mean sequence length."""
     peak = peak_flops(dev)
-    m = re.search(r'GPT ([\d.]+)M non-embedding', text)
-    if peak is None or m is None:
+    n = next((rec.get('gpt_params') for rec in records if rec['kind'] == 'setup'), None)
+    if peak is None or n is None:
         return 'MFU: unknown'
     c = load_preset(preset)
-    flops = 6 * float(m.group(1)) * 1e6 + 12 * c['llm_n_layer'] * c['llm_n_embd'] * seq_len
+    flops = 6 * n + 12 * c['llm_n_layer'] * c['llm_n_embd'] * seq_len
     return f"MFU {100 * flops * tok_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s (GPT only)"
 
 
@@ -399,17 +477,17 @@ def train_row(script, preset, name, dev):
     nthreads = threads or torch.get_num_threads()
     if script == 'setokim':   # a SeTok checkpoint of the current code to read tokens from
         _, ckpt = setok_run(preset, dev, 'False', 0, 1, 2, nthreads, 'for_setokim')
-    rate, per_step, text = {s: [] for s in sides}, {s: [] for s in sides}, ''
+    rate, per_step, log = {s: [] for s in sides}, {s: [] for s in sides}, []
     for _ in range(train_repeats):
         for side in sides:
             if script == 'setok':
                 r, _ = setok_run(preset, dev, side, steps, warmup, batch if cpu_full else 0, nthreads, f'compile{side}')
+                rate[side].append(steps_per_s(r['log'], warmup, warmup + steps + 1))
             else:
                 r = setokim_run(preset, dev, side, steps, warmup, nthreads, ckpt, f'compile{side}')
-                m = re.search(r'train (\d+) tok/s, ([\d.]+) s/step', r['text'])       # over all its steps
-                per_step[side].append(int(m.group(1)) * float(m.group(2)))          # LLM tokens per step
-                text = r['text']
-            rate[side].append(steps_per_s(r, warmup, warmup + steps + 1))
+                rate[side].append(steps_per_s(r['log'], warmup, warmup + steps + 1, stage=1))
+                per_step[side].append(llm_tokens_per_step(r['log'], 1))
+                log = r['log']
     out = []
     for side in sides:
         sps = statistics.median(rate[side])
@@ -421,7 +499,7 @@ def train_row(script, preset, name, dev):
         else:
             tps = statistics.median(per_step[side])
             tok = f"{sps * tps:.0f} tokens/s (LLM tokens, {tps / batch:.0f} per sequence, one image each)"
-            mfu = mfu_setokim(preset, dev, text, sps * tps, tps / batch) if gpu else ''
+            mfu = mfu_setokim(preset, dev, log, sps * tps, tps / batch) if gpu else ''
         speed = f"; {sps / statistics.median(rate['False']):.2f}x eager" if side == 'True' else ''
         out.append(dict(
             row=f"{name}, {'compile' if side == 'True' else 'eager'}", figure=f"{img_s:.1f} img/s{speed}",
@@ -439,7 +517,7 @@ def ddp_row(dev):
         for nproc in (1, 2):
             r, _ = setok_run('small', dev, 'False', train_steps, train_warmup, B // nproc, ddp_threads, f'ddp{nproc}',
                              nproc=nproc if nproc > 1 else 0)
-            rate[nproc].append(steps_per_s(r, train_warmup, train_warmup + train_steps + 1) * B)
+            rate[nproc].append(steps_per_s(r['log'], train_warmup, train_warmup + train_steps + 1) * B)
     one, two = statistics.median(rate[1]), statistics.median(rate[2])
     backend = 'nccl' if dev.startswith('cuda') else 'gloo'
     return [dict(row=f"DDP train_setok config=small, 2 processes / 1 ({backend})", figure=f"{two / one:.2f}x",
@@ -452,12 +530,185 @@ def memory_row(dev):
     """Peak resident set of a short config=small run on the real world (its data is held in memory)."""
     args = [*common_args('small', dev, threads or torch.get_num_threads()), f'out_dir={os.path.join(bench_dir, "memory")}',
             f'max_iters={mem_steps}', f'eval_interval={mem_steps}']
-    r = run_timed(python('train_setok.py', *args), 'train_setok')
+    r = run(python('train_setok.py', *args))
     check_run(r, f"train_setok.py {' '.join(args)}")
     gib = r['maxrss'] / 2 ** 30
     return [dict(row='peak memory, train_setok config=small', figure=f"{gib:.2f} GiB", target='< 2 GiB', ok=gib < 2,
                  check='', notes=f"ru_maxrss of the process: {mem_steps} steps and an eval on the default world "
                                  f"({load_preset('small')['data_dir']})")]
+
+
+# -----------------------------------------------------------------------------
+# smoke: the two models at a preset's shapes, one optimizer step each on random data
+
+class SmokeText:
+    """A stand-in for data.text.TextTokenizer (same attribute names) that needs no file: n text ids
+    (the last one is eos, as GPT-2's <|endoftext|>), then the special tokens, then pad: tiktoken's layout
+    (data/text.py). A word is already an id: encode('17 42 [SEG]') -> [17, 42, seg]."""
+
+    def __init__(self, n):
+        self.special = {s: n + k for k, s in enumerate(TextTokenizer.SPECIAL)}
+        self.img, self.img_end, self.seg, self.user, self.assistant = self.special.values()
+        self.eos, self.pad, self.vocab_size = n - 1, n + len(self.special), n + len(self.special) + 1
+
+    def encode(self, text):
+        return [self.special.get(w) or int(w) for w in text.split()]
+
+
+SMOKE_TEXT_VOCAB = {'gpt2': 50257, 'sentencepiece': 32000}   # GPT-2's BPE; a typical size for real captions
+STAGE_TASKS = {1: ('caption', 't2i'), 2: TASKS}              # train_setokim.py's stages
+SMOKE_TURNS = {'caption': ('<image> {w}', '{w}'), 't2i': ('{w}', '<image>'), 'vqa': ('<image> {w}', '{w}'),
+               'refer': ('<image> {w}', '[SEG]'), 'edit': ('<image> {w}', '<image>')}   # (human, gpt) turns
+
+
+def smoke_settings():
+    """The smoke row's settings, checked (one-line errors) before any row runs -> (SeTok's settings
+    with vit_init's encoder shape, that shape, the GPT-2 folder or '', the LLM shape)."""
+    if tokenizer not in ('setok', 'grid', 'patch'):
+        die(f"tokenizer={tokenizer}: expected setok, grid or patch")
+    if text_tokenizer not in SMOKE_TEXT_VOCAB:
+        die(f"text_tokenizer={text_tokenizer}: expected {' or '.join(SMOKE_TEXT_VOCAB)}")
+    if str(smoke_compile).lower() not in ('auto', 'true', 'false', '1', '0', 'yes', 'no'):
+        die(f"smoke_compile={smoke_compile}: expected auto, True or False")
+    vit = vit_shape(pretrained_config(vit_init), vit_init) if vit_init else {}   # its config.json fixes the encoder
+    s = {**config, **vit}
+    if not -1 <= s['cluster_layer'] < s['depth']:
+        die(f"cluster_layer={cluster_layer}: expected -1 (the encoder's output) or a number of blocks 0..{s['depth'] - 1}")
+    gpt2 = '' if init_from == 'scratch' else init_from
+    if gpt2 and text_tokenizer != 'gpt2':
+        die(f"init_from={init_from}: GPT-2's weights only know GPT-2's BPE ids; add text_tokenizer=gpt2")
+    shape = gpt2_shape(pretrained_config(gpt2)) if gpt2 else {'n_layer': llm_n_layer, 'n_head': llm_n_head,
+                                                                'n_embd': llm_n_embd}
+    return s, vit, gpt2, shape
+
+
+def smoke_step(model, forward, params, lr, dev, ctx, dynamic=False):
+    """timed_step of forward(model), the model compiled as the scripts compile it -> loss, stats,
+    seconds, memory as text: the GPU's peak, or on a CPU this process's peak resident set so far
+    (earlier rows included). dynamic: shapes vary from batch to batch (SETOKIM's sequences)."""
+    use = str(smoke_compile).lower() in ('true', '1', 'yes') or (smoke_compile == 'auto' and dev.startswith('cuda'))
+    fwd = torch.compile(model, dynamic=dynamic) if use else model
+    opt = torch.optim.AdamW(params, lr=lr)
+    loss, stats, dt, mem = timed_step(lambda: forward(fwd), opt, ctx, dev)
+    mem = (f"peak GPU memory {mem:.2f} GiB (second step)" if mem is not None else
+           f"peak RSS of this process so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
+    return loss, stats, dt, f"{mem}; {'compiled' if use else 'eager'}"
+
+
+def oom_row(name, batch, e):
+    return dict(row=name, figure='out of memory', target='-', ok=False, check='',
+                notes=f"at batch {batch}: {str(e).splitlines()[0]}".replace('|', '/'))
+
+
+def smoke_setok(s, dev, ctx):
+    """train_setok.py's model (detok.Tokenizer: SeTok, detokenizer, concept text encoder) at these
+    shapes, and one step on random images and concepts (words of random text ids)."""
+    scfg = SeTokConfig(**{f.name: s[f.name] for f in fields(SeTokConfig) if f.name in s})   # vit_*: vit_init's
+    dcfg = DetokConfig(image_size=s['image_size'], token_dim=s['token_dim'], sprite_size=s['dec_sprite_size'],
+                       dim=s['dec_dim'], sharpness=s['dec_sharpness'])
+    tok = SmokeText(SMOKE_TEXT_VOCAB['sentencepiece'])   # train_setok.py reads the world's sentencepiece model
+    torch.manual_seed(seed)
+    model = Tokenizer(scfg, dcfg, tok.vocab_size, tok.pad, s)
+    if vit_init:
+        load_vit(model.setok.encoder, pretrained_weights(vit_init), vit_init)
+    if freeze_encoder:
+        model.setok.encoder.freeze()
+    model = model.to(dev)
+    count = lambda ps: sum(p.numel() for p in ps) / 1e6
+    parts = {'encoder': model.setok.encoder, 'merger': model.setok.merger, 'detok': model.detok, 'text': model.text}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    rows = [dict(row='smoke SeTok: parameters', figure=f"{count(model.parameters()):.2f}M", target='-', ok=None, check='',
+                 notes=', '.join(f"{k} {count(m.parameters()):.2f}M" for k, m in parts.items()) +
+                       f"; total {count(model.parameters()):.2f}M, trainable {count(trainable):.2f}M (encoder "
+                       f"{scfg.vit_style}{', frozen' if freeze_encoder else ''}; text vocabulary {tok.vocab_size}); "
+                       f"{scfg.image_size}px, ViT {scfg.depth}x{scfg.dim} patch {scfg.patch_size}, "
+                       f"up to {scfg.max_tokens} tokens of {scfg.token_dim}")]
+    B = batch_size if dev.startswith('cuda') else 1
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(B, 3, scfg.image_size, scfg.image_size, generator=g).to(dev)               # (B, 3, H, W)
+    ids = torch.randint(0, tok.eos, (B, max_concepts, concept_len), generator=g).to(dev)        # (B, P, L) text ids
+    valid = torch.ones(B, max_concepts, dtype=torch.bool, device=dev)                           # (B, P)
+    name = 'smoke SeTok: one optimizer step'
+    try:
+        loss, stats, dt, mem = smoke_step(model, lambda f: f(img, ids, valid), trainable, learning_rate, dev, ctx)
+    except torch.OutOfMemoryError as e:
+        return rows + [oom_row(name, B, e)]
+    rows.append(dict(row=name, figure=f"{dt:.2f} s", target='-', ok=None, check='',
+                     notes=f"{B} random {scfg.image_size}px image{'s' * (B > 1)} ({stats['tokens'].item():.1f} tokens "
+                           f"each): loss {loss:.4f}; {mem}"))
+    return rows
+
+
+def smoke_setokim(s, gpt2, shape, dev, ctx):
+    """train_setokim.py's model (SETOKIM) at these shapes, with GPT-2's weights when init_from names a
+    folder, and one step of each stage on random conversations: words of 40 random text ids, every
+    image with SeTok's most tokens (random vectors and labels). No SeTok checkpoint is needed: SeTok's
+    shape (token width, patch grid, tokens per image) comes from the settings."""
+    tok = SmokeText(SMOKE_TEXT_VOCAB[text_tokenizer])
+    grid = s['image_size'] // s['patch_size']
+    gcfg = GPTConfig(vocab_size=tok.vocab_size + 1, block_size=block_size, **shape, token_dim=s['token_dim'],
+                     grid=grid, image_size=s['image_size'], mask_dim=mask_dim, mask_depth=mask_depth,
+                     mask_n_head=mask_n_head, mask_refine=mask_refine, img_id=tok.img, img_end_id=tok.img_end,
+                     seg_id=tok.seg, eos_id=tok.eos, pad_id=tok.pad)      # the special ids: the tokenizer's
+    torch.manual_seed(seed)
+    model = SETOKIM(gcfg)
+    weights = ''
+    if gpt2:
+        n_pos = load_gpt2(model.gpt, pretrained_weights(gpt2), gpt2)
+        weights = f"GPT-2 weights from {gpt2}" + (f"; positions {n_pos}..{block_size - 1} start random (GPT-2 has "
+                                                  f"{n_pos})" if block_size > n_pos else '')
+        print(weights, flush=True)
+    model = model.to(dev)
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    rows = [dict(row='smoke SETOKIM: parameters', figure=f"{count(model):.2f}M", target='-', ok=None, check='',
+                 notes=f"GPT {count(model.gpt):.2f}M ({model.gpt.num_params() / 1e6:.2f}M without position embeddings; "
+                       f"{shape['n_layer']} blocks of {shape['n_embd']}, vocabulary {gcfg.vocab_size}: text "
+                       f"{text_tokenizer}, specials, pad, VIS), in_proj {count(model.in_proj):.2f}M, out_proj "
+                       f"{count(model.out_proj):.2f}M, mask decoder {count(model.mask_decoder):.2f}M"
+                       + (f"; {weights}" if weights else ''))]
+    cuda, N, D = dev.startswith('cuda'), grid ** 2, s['token_dim']
+    K = {'setok': s['max_tokens'], 'grid': s['grid_size'] ** 2, 'patch': N}[tokenizer]   # SeTok's most tokens
+    g = torch.Generator().manual_seed(seed)
+    words = lambda: ' '.join(map(str, torch.randint(0, tok.eos, (40,), generator=g).tolist()))   # text ids only
+    for st in (1, 2):
+        B = llm_batch_size if cuda else len(STAGE_TASKS[st])              # on a CPU: one conversation per task
+        tasks = [STAGE_TASKS[st][i % len(STAGE_TASKS[st])] for i in range(B)]
+        # conversation i reads image 2i and writes image 2i+1; each image has K tokens in the bank
+        bank = Bank(tokens=torch.randn(2 * B * K, D, generator=g).half(), off=torch.arange(2 * B) * K,
+                    ntok=torch.full((2 * B,), K), labels=torch.randint(0, K, (2 * B, N), generator=g).short(),
+                    instances=torch.randint(0, 3, (2 * B, s['image_size'], s['image_size']), generator=g).byte())
+        enc = [encode_conversation(tok, [{'from': 'human', 'value': SMOKE_TURNS[t][0].format(w=words())},
+                                         {'from': 'gpt', 'value': SMOKE_TURNS[t][1].format(w=words())}],
+                                   lambda out, i=i: ((2 * i + out) * K, K), gcfg.vis_id) for i, t in enumerate(tasks)]
+        P = pack(enc, torch.arange(B) * 2, [int(t == 'refer') for t in tasks], tok.seg)   # refer: object 1's mask
+        if int(P.length.max()) > block_size:
+            die(f"smoke: a conversation has {int(P.length.max())} tokens, more than block_size={block_size}")
+        # one conversation per row, padded (pack_rows=False): the most memory a step of B can take
+        b = {k: v.to(dev) for k, v in collate(P, bank, torch.arange(B), tok).items()}
+        name = f"smoke SETOKIM stage {st} ({', '.join(STAGE_TASKS[st])}): one optimizer step"
+        try:
+            loss, stats, dt, mem = smoke_step(model, lambda f: f(b), model.parameters(), llm_learning_rate, dev, ctx,
+                                              dynamic=True)
+        except torch.OutOfMemoryError as e:
+            rows.append(oom_row(name, B, e))
+            continue
+        rows.append(dict(row=name, figure=f"{dt:.2f} s", target='-', ok=None, check='',
+                         notes=f"{B} random conversations of up to {int(P.length.max())} tokens ({K} per image; "
+                               f"{stats['n_ce']} text, {stats['n_reg']} visual and {stats['n_seg']} mask targets): "
+                               f"loss {loss:.4f}; {mem}"))
+    return rows
+
+
+def smoke_rows(dev, ctx, settings):
+    s, vit, gpt2, shape = settings
+    if vit:
+        print(f"encoder: {vit_init} ({', '.join(f'{k}={v}' for k, v in vit.items())})", flush=True)
+    out = []
+    for script in split(scripts, ('setok', 'setokim'), 'scripts'):
+        out += smoke_setok(s, dev, ctx) if script == 'setok' else smoke_setokim(s, gpt2, shape, dev, ctx)
+        if dev.startswith('cuda'):
+            torch.cuda.empty_cache()                     # the next model's peak starts from an empty GPU
+    return out
 
 
 def table(results):
@@ -475,6 +726,7 @@ if __name__ == '__main__':
             die(f"ratio_shape={name}: choose from {', '.join(SHAPES)}")
     if device.startswith('cuda') and not torch.cuda.is_available():
         die(f"device={device}: no CUDA device here; use device=cpu")
+    smoke = smoke_settings() if 'smoke' in todo else None
     dev, ptdtype, ctx = pick_device(device, dtype)
     if threads:
         torch.set_num_threads(threads)
@@ -491,6 +743,8 @@ if __name__ == '__main__':
             results += ratio_row(dev, ctx)
         elif row == 'train':
             results += train_rows(dev)
+        elif row == 'smoke':
+            results += smoke_rows(dev, ctx, smoke)
         elif row in ('ddp', 'memory'):
             try:
                 results += ddp_row(dev) if row == 'ddp' else memory_row(dev)
@@ -499,5 +753,5 @@ if __name__ == '__main__':
         print(f"({row}: {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     print()
     print(table(results))
-    if any(r['check'].startswith('DIFFER') or r['figure'] == 'run failed' for r in results):
-        sys.exit(1)                                        # wrong outputs or a script that failed
+    if any(r['check'].startswith('DIFFER') or r['figure'] in ('run failed', 'out of memory') for r in results):
+        sys.exit(1)                                        # wrong outputs, a script that failed, a step too big

@@ -2,25 +2,33 @@
 The plumbing that every nanoSeTok script shares, written once:
 
   configure(...)     nanoGPT-style configuration: plain module-level values overridden from the
-                     command line (key=value, --key=value, --key value, config=NAME)
+                     command line (key=value, --key=value, --key value, config=NAME); as_list
   die(...)           a one-line error and exit code 2, never a traceback
-  pick_device(...)   cuda > mps > cpu, and the autocast context that goes with it
-  setup_ddp()        torchrun-aware DistributedDataParallel setup (nccl on GPU, gloo on CPU)
-  timed_step(...)    the time and peak GPU memory of one training step (smoke=True)
-  save_checkpoint / load_checkpoint   atomic writes, checked reads
-  rng_state / set_rng_state           everything exact resume needs from the random generators
+  pick_device(...)   cuda > mps > cpu, and the autocast context that goes with it; compile_on
+  adamw(...)         AdamW with weight decay on the matrices only
+  setup_ddp(), wrap_ddp(...), gather_all(...)   torchrun-aware DistributedDataParallel (nccl / gloo)
+  timed_step(...)    the time and peak GPU memory of one training step (bench.py's smoke row)
+  atomic_save(...)   torch.save that a kill cannot corrupt (checkpoint.py and the token cache use it)
+  RunLog, plot_curves   a run's metrics as JSON lines (log.jsonl) and a picture of their curves
+  Progress           a tqdm bar on a terminal, a plain line every log_interval steps in a file
   lr_at(...)         linear warmup then cosine decay
+  palette, to_uint8, cluster_overlay, mask_overlay, save_panel   pictures
 """
+import colorsys
 import difflib
+import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -82,23 +90,9 @@ def load_preset(name):
     return {k: v for k, v in values.items() if not k.startswith('_')}
 
 
-def configure(namespace, argv=None, script=None):
-    """
-    Override the settings in `namespace` (a script's globals(), updated in place) from argv.
-    Accepted: config=NAME (loads config/NAME.py first, whatever its position), key=value,
-    --key=value, --key value, and for list settings --key v1 v2 ... . A preset describes one world
-    for every script, so preset keys that this script does not have are skipped; a key on the
-    command line that the script does not have is an error. Returns {key: value} of all settings.
-    """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    script = script or os.path.basename(sys.argv[0])
-    keys = config_keys(namespace)
-    if '--help' in argv or '-h' in argv:
-        print(f"settings of {script} (override with key=value; config=NAME loads config/NAME.py):")
-        for k in keys:
-            print(f"  {k} = {namespace[k]!r}")
-        sys.exit(0)
-    # 1) split argv into (key, value) pairs
+def parse_args(argv, namespace):
+    """argv -> [(key, raw value)] for key=value, --key=value, --key value and --key v1 v2 ... (a list
+    setting of `namespace`); dies on an argument it cannot read."""
     pairs, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -120,6 +114,27 @@ def configure(namespace, argv=None, script=None):
         else:
             die(f"cannot read argument '{arg}': write key=value")
         pairs.append((key.replace('-', '_'), val))
+    return pairs
+
+
+def configure(namespace, argv=None, script=None):
+    """
+    Override the settings in `namespace` (a script's globals(), updated in place) from argv.
+    Accepted: config=NAME (loads config/NAME.py first, whatever its position), key=value,
+    --key=value, --key value, and for list settings --key v1 v2 ... . A preset describes one world
+    for every script, so preset keys that this script does not have are skipped; a key on the
+    command line that the script does not have is an error. Returns {key: value} of all settings.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    script = script or os.path.basename(sys.argv[0])
+    keys = config_keys(namespace)
+    if '--help' in argv or '-h' in argv:
+        print(f"settings of {script} (override with key=value; config=NAME loads config/NAME.py):")
+        for k in keys:
+            print(f"  {k} = {namespace[k]!r}")
+        sys.exit(0)
+    # 1) split argv into (key, value) pairs
+    pairs = parse_args(argv, namespace)
     # 2) the preset first, then the overrides in order
     presets = [v for k, v in pairs if k == 'config']
     for name in presets:
@@ -139,6 +154,21 @@ def configure(namespace, argv=None, script=None):
     return {k: namespace[k] for k in keys}
 
 
+def as_list(value, kind=str):
+    """A list setting as Python or the command line gives it (['a', 'b'], ['a,b'], '[0.7, 0.3]') -> [kind]."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for it in items:
+        if isinstance(it, str):
+            out += [p.strip().strip('\'"') for p in it.strip().strip('[]').split(',') if p.strip().strip('\'"')]
+        else:
+            out.append(it)
+    try:
+        return [kind(x) for x in out]
+    except (TypeError, ValueError):
+        die(f"{value!r}: expected a list of {kind.__name__} values, e.g. a,b or [a, b]")
+
+
 # -----------------------------------------------------------------------------
 # devices, precision, distributed
 
@@ -154,6 +184,19 @@ def pick_device(device='auto', dtype='auto'):
     return device, ptdtype, ctx
 
 
+def compile_on(setting, dev):
+    """The compile setting: True/False, or auto = on for CUDA (on the CPU it does not pay at these widths)."""
+    return str(setting).lower() in ('true', '1', 'yes') or (setting == 'auto' and str(dev).startswith('cuda'))
+
+
+def adamw(params, lr, weight_decay, betas):
+    """AdamW with weight decay on the matrices only (not on biases, norms and the like), over the
+    parameters that train (a frozen encoder's are left out)."""
+    params = [p for p in params if p.requires_grad]
+    return torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}], lr=lr, betas=betas)
+
+
 PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}   # dense bf16 FLOP/s, for MFU
 
 
@@ -166,7 +209,6 @@ def setup_ddp(device):
     """Under torchrun: init the process group and return (ddp, rank, world_size, device)."""
     if int(os.environ.get('RANK', -1)) == -1:
         return False, 0, 1, device
-    import torch.distributed as dist
     rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
     if device.startswith('cuda'):
         device = f'cuda:{local_rank}'
@@ -175,11 +217,16 @@ def setup_ddp(device):
     return True, rank, world, device
 
 
+def wrap_ddp(model, dev):
+    """DistributedDataParallel around a model (or its compiled form), on this process's GPU if any."""
+    return DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if str(dev).startswith('cuda') else None)
+
+
 def timed_step(forward, opt, ctx, dev):
     """One optimizer step of the loss that forward() returns as (loss, stats) -> (loss as a float,
     stats, seconds, peak GPU memory in GiB or None). On a GPU it steps twice and measures the second
     step: the first one warms up (kernels, torch.compile) and creates the optimizer state, which the
-    peak then includes. The training scripts' smoke=True."""
+    peak then includes. bench.py's smoke row."""
     cuda = str(dev).startswith('cuda')
     for _ in range(2 if cuda else 1):
         if cuda:
@@ -201,7 +248,6 @@ class GatherWithGrad(torch.autograd.Function):
     the backward sums the incoming gradient over ranks and keeps this rank's slice."""
     @staticmethod
     def forward(ctx, x):
-        import torch.distributed as dist
         out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(out, x.contiguous())
         ctx.n, ctx.rank = x.shape[0], dist.get_rank()
@@ -209,7 +255,6 @@ class GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        import torch.distributed as dist
         grad = grad.contiguous()
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
@@ -217,7 +262,6 @@ class GatherWithGrad(torch.autograd.Function):
 
 def gather_all(x, grad=True):
     """Concatenate x over all DDP ranks (identity without DDP)."""
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     if grad:
@@ -228,12 +272,13 @@ def gather_all(x, grad=True):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints and exact resume
+# files, logs and progress
 
-def save_checkpoint(obj, path):
-    """Write atomically: a kill during the save leaves the previous checkpoint intact."""
+def atomic_save(obj, path):
+    """torch.save that a kill cannot corrupt: write a temporary file, fsync it, then rename it over
+    `path` (the previous file stays intact until the rename). Checkpoints and the token cache."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
+    tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'wb') as f:
         torch.save(obj, f)
         f.flush()
@@ -241,44 +286,115 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, kind=None, what='checkpoint'):
-    """Load a checkpoint written by save_checkpoint, or die with a line that says what is wrong."""
-    if not os.path.isfile(path):
-        die(f"{what} {path} not found; train one first or pass its path")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__}); pass a file written by nanoSeTok")
-    if not isinstance(ckpt, dict) or 'kind' not in ckpt:
-        die(f"{path} is not a nanoSeTok checkpoint; pass a file written by train_setok.py or train_setokim.py")
-    if kind is not None and ckpt['kind'] != kind:
-        die(f"{path} is a {ckpt['kind']} checkpoint, but a {kind} checkpoint is needed here")
-    return ckpt
+class RunLog:
+    """A run's metrics as JSON lines in log.jsonl, one record per log line or eval:
+        {"kind": "train", "step": 120, "time": 31.4, "lr": 0.002, "loss": 0.61, ...}
+        {"kind": "eval", "step": 500, "time": 140.2, "psnr": 22.1, ...}
+    (time: seconds since the run started; extra fields such as "stage" as the script passes them).
+    A run from scratch starts a new file; a resumed run keeps the records that keep(record) accepts
+    (those before the resumed step), so that the file always reads as one straight run.
+    plot(path) draws the curves as a PNG (pillow only)."""
+
+    def __init__(self, path, keep=None, enabled=True):
+        self.path, self.enabled, self.t0 = path, enabled, time.time()
+        if not enabled:
+            return
+        old = self.records() if keep is not None else []
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in old if keep(r))
+
+    def records(self):
+        if not os.path.isfile(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def write(self, kind, step, **values):
+        rec = {'kind': kind, 'step': step, 'time': round(time.time() - self.t0, 3), **values}
+        if self.enabled:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(rec) + '\n')
+        return rec
 
 
+def plot_curves(records, path, keys, width=360, height=210):
+    """One panel per key in `keys` (a key that no record has is left out): its value against the step,
+    train records as thin lines, eval records as dots joined by lines; one colour per "stage" when the
+    records have stages. Written with pillow, so it needs nothing else."""
+    panels = []
+    for key in keys:
+        series = {}
+        for r in records:
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]):
+                series.setdefault((r.get('stage', 0), r['kind']), []).append((r['step'], r[key]))
+        if series:
+            panels.append((key, series))
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    canvas = Image.new('RGB', (cols * width, -(-len(panels) // cols) * height), 'white')
+    draw = ImageDraw.Draw(canvas)
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    for i, (key, series) in enumerate(panels):
+        x0, y0 = (i % cols) * width, (i // cols) * height
+        left, top, right, bottom = x0 + 48, y0 + 22, x0 + width - 12, y0 + height - 24
+        pts = [p for s in series.values() for p in s]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
+        xhi, yhi = (xhi if xhi > xlo else xlo + 1), (yhi if yhi > ylo else ylo + abs(ylo) * 0.01 + 1e-6)
+        X = lambda v: left + (v - xlo) / (xhi - xlo) * (right - left)
+        Y = lambda v: bottom - (v - ylo) / (yhi - ylo) * (bottom - top)
+        draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+        draw.text((left, y0 + 6), key, fill='black')
+        draw.text((x0 + 2, top), f'{yhi:.3g}', fill=(90, 90, 90))
+        draw.text((x0 + 2, bottom - 10), f'{ylo:.3g}', fill=(90, 90, 90))
+        draw.text((left, bottom + 6), f'{xlo}', fill=(90, 90, 90))
+        draw.text((right - 40, bottom + 6), f'step {xhi}', fill=(90, 90, 90))
+        stages = sorted({st for st, _ in series})
+        for (stage, kind), s in sorted(series.items()):
+            c = colours[stages.index(stage) % len(colours)]
+            line = [(X(a), Y(b)) for a, b in sorted(s)]
+            if len(line) > 1:
+                draw.line(line, fill=c, width=1 if kind == 'train' else 2)
+            if kind == 'eval':
+                for px, py in line:
+                    draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=c)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
 
-def load_weights(module, state, path):
-    """module.load_state_dict(state), or die saying the checkpoint is from another version of the model."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[1].strip() if len(str(e).strip().splitlines()) > 1 else str(e)
-        die(f"{path} does not fit this version of the model ({first[:160]}); retrain it with this code")
 
-def rng_state():
-    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
+class Progress:
+    """Training progress: one tqdm bar when stderr is a terminal; when the output goes to a file or a
+    pipe, one plain line every `every` steps instead of a bar redrawn at every step."""
+
+    def __init__(self, total, initial=0, desc='train', every=10, enabled=True):
+        self.total, self.desc, self.every, self.enabled = total, desc, max(1, every), enabled
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True) \
+            if enabled and sys.stderr.isatty() else None
+
+    def update(self, step, **postfix):
+        """Called once per step with the new step count; postfix (name: text) when there is news."""
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(**postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif self.enabled and postfix and step % self.every == 0:
+            print(f"{self.desc} {step}/{self.total} | " + ' '.join(f'{k} {v}' for k, v in postfix.items()), flush=True)
+
+    def write(self, line):
+        if self.enabled:
+            (tqdm.write if self.bar is not None else print)(line)
+            sys.stdout.flush()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
-    random.setstate(state['python'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
+# -----------------------------------------------------------------------------
+# the learning rate
 
 def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
     """Linear warmup for `warmup` steps, then cosine decay to min_ratio * max_lr at `total`."""
@@ -293,7 +409,6 @@ def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
 
 def palette(n):
     """n well-separated colours (golden-ratio hues), (n, 3) uint8."""
-    import colorsys
     return np.array([[int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.85, 1.0)] for i in range(n)], np.uint8)
 
 
@@ -319,20 +434,57 @@ def cluster_overlay(img, labels, scale=4, alpha=0.55):
     return out.round().astype(np.uint8)
 
 
+def mask_overlay(img, mask, scale, colour=(255, 40, 40), alpha=0.5):
+    """The image with a (H, W) mask in [0, 1] blended over it in `colour`, its outline drawn white."""
+    base = to_uint8(img, scale).astype(np.float32)
+    m = mask.detach().float().cpu().numpy().repeat(scale, 0).repeat(scale, 1)
+    out = base * (1 - alpha * m[..., None]) + np.array(colour, np.float32) * alpha * m[..., None]
+    b = m > 0.5
+    edge = np.zeros_like(b)
+    edge[:, :-1] |= b[:, :-1] != b[:, 1:]
+    edge[:-1, :] |= b[:-1, :] != b[1:, :]
+    out[edge] = 255
+    return out.round().astype(np.uint8)
+
+
+def _font(width):
+    try:
+        return ImageFont.load_default(size=max(10, width // 22))
+    except TypeError:                            # an old PIL without a scalable default font
+        return ImageFont.load_default()
+
+
+def _wrap(text, font, width):
+    """Greedy word wrap of text into lines no wider than width pixels."""
+    lines = []
+    for para in text.splitlines() or ['']:
+        line = ''
+        for word in para.split(' '):
+            cand = f'{line} {word}'.strip()
+            if line and font.getlength(cand) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = cand
+        lines.append(line)
+    return '\n'.join(lines)
+
+
 def save_panel(rows, path, labels=None, pad=2):
-    """Save a grid of equally sized uint8 images (a list of rows) as one PNG. `labels`, if given,
-    is a same-shaped list of short strings written in the top-left corner of each picture."""
-    from PIL import Image, ImageDraw
+    """Save a grid of equally sized uint8 pictures (a list of rows of (H, W, 3)) as one PNG in a dark
+    frame of `pad` pixels. `labels`, if given, is a same-shaped list of strings, each written in the
+    top-left corner of its picture (white, outlined in black: readable on any colour; wrapped)."""
     h, w = rows[0][0].shape[:2]
     ncol = max(len(r) for r in rows)
     canvas = Image.new('RGB', (ncol * (w + pad) + pad, len(rows) * (h + pad) + pad), (32, 32, 32))
-    draw = ImageDraw.Draw(canvas)
+    draw, font = ImageDraw.Draw(canvas), _font(w)
     for i, row in enumerate(rows):
         for j, im in enumerate(row):
             x, y = pad + j * (w + pad), pad + i * (h + pad)
             canvas.paste(Image.fromarray(im), (x, y))
             if labels and labels[i][j]:
-                draw.text((x + 3, y + 2), labels[i][j], fill=(255, 255, 255))
+                draw.multiline_text((x + 4, y + 3), _wrap(labels[i][j], font, w - 8), font=font, fill=(255, 255, 255),
+                                    stroke_width=2, stroke_fill=(0, 0, 0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)
     return path

@@ -29,13 +29,15 @@ horizontal and vertical finite differences of the image, a free sharpness term (
 network such as LPIPS, which we cannot download here) that penalises blurred edges much more than
 flat regions, where a pure L2 loss is content with a blurry average.
 """
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from setok import MLP
+from common import gather_all
+from setok import MLP, SeTok, TextEncoder, concept_contrastive_loss
 
 
 @dataclass
@@ -124,19 +126,35 @@ def psnr(pred, target):
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-def load_setok(path, device='cpu', **overrides):
-    """A trained SeTok and its detokenizer from a train_setok.py checkpoint, in eval mode.
-    overrides: SeTokConfig fields to change that do not touch the weights (the clustering settings,
-    tokenizer='grid'|'patch'). Returns (setok, detok, checkpoint dict)."""
-    from common import die, load_checkpoint, load_weights
-    from setok import SeTok, SeTokConfig
-    ck = load_checkpoint(path, kind='setok', what='SeTok checkpoint')
-    for cls, key in ((SeTokConfig, 'setok_config'), (DetokConfig, 'detok_config')):
-        if set(ck[key]) != set(cls.__dataclass_fields__):
-            die(f"{path} is from another version of nanoSeTok ({key} has other fields); retrain it with this code")
-    setok = SeTok(SeTokConfig(**{**ck['setok_config'], **overrides}))
-    detok = Detokenizer(DetokConfig(**ck['detok_config']))
-    sd = ck['model']
-    load_weights(setok, {k[6:]: v for k, v in sd.items() if k.startswith('setok.')}, path)
-    load_weights(detok, {k[6:]: v for k, v in sd.items() if k.startswith('detok.')}, path)
-    return setok.to(device).eval(), detok.to(device).eval(), ck
+# -----------------------------------------------------------------------------
+# What train_setok.py trains
+
+class Tokenizer(nn.Module):
+    """Everything train_setok.py trains, in one module so that DDP and torch.compile see one graph:
+    SeTok, this detokenizer and the concept text encoder, and their loss
+        recon_weight * reconstruction + contrast_weight * contrastive + geo_weight * geometry.
+    cfg: train_setok.py's settings (text_dim, text_depth, n_head, concept_len and the loss weights);
+    pad_id: the text tokenizer's pad id, which the concept ids are padded with."""
+
+    def __init__(self, setok_cfg, detok_cfg, vocab_size, pad_id, cfg):
+        super().__init__()
+        self.setok = SeTok(setok_cfg)
+        self.detok = Detokenizer(detok_cfg)
+        self.text = TextEncoder(vocab_size, cfg['text_dim'], cfg['text_depth'], cfg['n_head'], setok_cfg.token_dim,
+                                pad_id, max_len=cfg['concept_len'])
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))   # CLIP's init, temperature 0.07
+        self.w = (cfg['recon_weight'], cfg['contrast_weight'], cfg['grad_weight'], cfg['geo_weight'])
+
+    def forward(self, img, concept_ids, concept_valid):
+        tokens, token_mask, labels = self.setok(img)                        # (B,K,D), (B,K), (B,N)
+        recon = self.detok(tokens, token_mask)                              # (B,3,H,W)
+        rec_loss, mse = detok_loss(recon.float(), img, self.w[2])
+        geo_loss = self.detok.geometry_loss(tokens, token_mask, labels, self.setok.grid)
+        B, P, L = concept_ids.shape
+        concepts = self.text(concept_ids.view(B * P, L)).view(B, P, -1)     # (B,P,D)
+        # in-batch negatives come from every DDP rank (identity on one process)
+        con_loss = concept_contrastive_loss(gather_all(tokens), gather_all(token_mask, grad=False),
+                                            gather_all(concepts), gather_all(concept_ids, grad=False),
+                                            gather_all(concept_valid, grad=False), self.logit_scale)
+        loss = self.w[0] * rec_loss + self.w[1] * con_loss + self.w[3] * geo_loss
+        return loss, {'mse': mse.detach(), 'contrast': con_loss.detach(), 'geo': geo_loss.detach(), 'tokens': token_mask.sum(1).float().mean()}

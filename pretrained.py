@@ -3,18 +3,19 @@ Pretrained weights and vocabularies from local files (nothing here downloads any
 
     vit_init=DIR (train_setok.py)      CLIP / SigLIP vision towers (Hugging Face layout) -> setok.ViT
     init_from=gpt2-local|DIR           GPT-2 (Hugging Face layout) -> setokim.GPT
-    text_tokenizer=gpt2                GPT-2's BPE from tiktoken's cache
 
 A Hugging Face model folder is config.json + model.safetensors (read when the safetensors package is
 installed) or pytorch_model.bin, possibly sharded (*.index.json). The weights map onto our modules
 exactly: Block.pretrained_state (setok.py) folds the attention's key/value biases away without
 changing any output, and setok.VIT_STYLES holds the details in which CLIP and SigLIP differ from our ViT.
 """
+import json
 import os
 
 import torch
 import torch.nn.functional as F
 
+from common import die
 from setok import Block
 
 # -----------------------------------------------------------------------------
@@ -23,9 +24,6 @@ from setok import Block
 
 def pretrained_config(path):
     """config.json of a Hugging Face model folder, as a dict (a one-line error when it is missing)."""
-    import json
-
-    from common import die
     if not os.path.isdir(path):
         die(f"pretrained weights {path}: no such folder; it should hold config.json and model.safetensors "
             f"or pytorch_model.bin (e.g. huggingface-cli download MODEL --local-dir {path})")
@@ -39,9 +37,6 @@ def pretrained_config(path):
 def pretrained_weights(path):
     """The weights of a Hugging Face model folder -> {name: float32 tensor}: model.safetensors (when
     the safetensors package is installed) or pytorch_model.bin, sharded ones (*.index.json) too."""
-    import json
-
-    from common import die
     try:
         import safetensors.torch
     except ImportError:
@@ -72,7 +67,6 @@ def pretrained_weights(path):
 def pretrained_tensor(sd, key, path):
     """sd[key], or a one-line error naming the checkpoint: it is not in the layout we read."""
     if key not in sd:
-        from common import die
         die(f"{path} has no tensor {key}; is it the right kind of model?")
     return sd[key]
 
@@ -85,7 +79,6 @@ def vit_shape(cfg, path=''):
     """config.json of a CLIP / SigLIP model (the vision tower, or the whole two-tower model) -> the
     SeTokConfig fields that fix the encoder: vit_style, dim, depth, n_head, patch_size, vit_mlp, vit_act.
     Keys that config.json leaves out have Hugging Face's defaults."""
-    from common import die
     style = {'clip': 'clip', 'clip_vision_model': 'clip', 'siglip': 'siglip',
              'siglip_vision_model': 'siglip'}.get(cfg.get('model_type'))
     if style is None:
@@ -105,7 +98,6 @@ def load_vit(vit, sd, path=''):
     """CLIP / SigLIP vision weights (Hugging Face names, from pretrained_weights) into a ViT built with
     their vit_shape. The learned positions are resized (bicubic) to our patch grid when the image
     size differs from the one they were trained at."""
-    from common import die
     sd = {k.split('vision_model.', 1)[1]: v for k, v in sd.items() if 'vision_model.' in k}   # no text tower
     t = lambda k: pretrained_tensor(sd, k, path)
     pair = lambda k: (t(k + '.weight'), t(k + '.bias'))
@@ -142,7 +134,6 @@ def load_vit(vit, sd, path=''):
 
 def gpt2_shape(hf):
     """config.json of a GPT-2 -> the GPTConfig fields it fixes (n_layer, n_head, n_embd)."""
-    from common import die
     if hf.get('model_type', 'gpt2') != 'gpt2':
         die(f"init_from: model_type {hf.get('model_type')!r} is not gpt2")
     act, eps, C = hf.get('activation_function', 'gelu_new'), hf.get('layer_norm_epsilon', 1e-5), hf.get('n_embd', 768)
@@ -156,7 +147,6 @@ def gpt2_shape(hf):
 def load_gpt2(gpt, sd, path=''):
     """Hugging Face GPT-2 weights `sd` (pretrained_weights) into `gpt`, built with gpt2_shape.
     Returns GPT-2's number of positions; block_size rows past it keep their random init."""
-    from common import die
     c = gpt.cfg
     sd = {k.removeprefix('transformer.'): v for k, v in sd.items()}             # GPT2LMHeadModel -> GPT2Model names
     t = lambda k: pretrained_tensor(sd, k, path)
@@ -183,40 +173,3 @@ def load_gpt2(gpt, sd, path=''):
     except RuntimeError as e:
         die(f"{path} does not fit the GPT its config.json describes ({str(e).splitlines()[-1].strip()})")
     return P0
-
-
-# -----------------------------------------------------------------------------
-# GPT-2's BPE. tiktoken downloads it (two files) on first use and keeps each in its cache folder under
-# the sha1 of its URL (tiktoken/load.py: read_file_cached). The folder is $TIKTOKEN_CACHE_DIR, else
-# $DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache. We look there first: a machine without the files
-# gets a line that says how to get them, instead of a download attempt and a traceback.
-
-GPT2_BPE_FILES = {'vocab.bpe': 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe',
-                  'encoder.json': 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json'}
-
-
-def tiktoken_gpt2():
-    """tiktoken's GPT-2 encoding, from tiktoken's cache only (or a one-line error)."""
-    import hashlib
-    import tempfile
-
-    import tiktoken
-
-    from common import die
-    env = next((v for v in ('TIKTOKEN_CACHE_DIR', 'DATA_GYM_CACHE_DIR') if v in os.environ), None)
-    cache = os.environ[env] if env else os.path.join(tempfile.gettempdir(), 'data-gym-cache')
-    files = {name: os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()) for name, url in GPT2_BPE_FILES.items()}
-    missing = [name for name, f in files.items() if not cache or not os.path.isfile(f)]
-    how = ("run  python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"  once with internet access (it fills "
-           "the cache), or copy the cached files there from a machine that has them: "
-           + ', '.join(f"{os.path.basename(f)} ({name})" for name, f in files.items()))
-    if not cache:
-        die(f"text_tokenizer=gpt2: tiktoken's cache is switched off ({env} is empty); set {env} to a folder and {how}")
-    if missing:
-        die(f"text_tokenizer=gpt2: GPT-2's BPE vocabulary ({', '.join(missing)}) is not in tiktoken's cache {cache} "
-            f"({env or 'the default; TIKTOKEN_CACHE_DIR sets another'}); {how}")
-    try:
-        return tiktoken.get_encoding('gpt2')
-    except Exception as e:                # a damaged cache file: tiktoken tries to download it again
-        die(f"text_tokenizer=gpt2: tiktoken could not read its cached GPT-2 vocabulary in {cache} "
-            f"({type(e).__name__}); delete {' and '.join(files.values())}, then {how}")

@@ -54,22 +54,26 @@ preset, which also sets out_dir, so the default checkpoints are the preset's). T
 settings (image_size, dim, ...) are 0 by default, meaning "whatever the checkpoint says"; a preset
 sets them, and a checkpoint of another shape is then refused with a line that names the difference.
 """
+import glob
 import os
+import signal
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from common import HERE as _HERE
-from common import cluster_overlay, configure, die, load_checkpoint, pick_device, to_uint8
-from data.loader import IMAGE_EXTS, ImageError
-from data.loader import load_image as load_image_uint8
+from checkpoint import check_config, load_checkpoint, load_setok, load_setokim, setok_ckpt_of
+from common import HERE, cluster_overlay, configure, die, mask_overlay, pick_device, save_panel, to_uint8
+from data.batch import encode_conversation
+from data.world import IMAGE_EXTS, ImageError
+from data.world import load_image as load_image_uint8
+from detok import psnr
+from setokim import reading_order, visual_tokens
 
 # -----------------------------------------------------------------------------
 # settings
 image = []                 # image files and/or folders: --image a.jpg b.png photos/
 out = 'samples'            # output folder (one per run)
-out_dir = 'out/setok'      # where the training scripts wrote their checkpoints (config=small: out/small)
+out_dir = ''               # where the training scripts wrote their checkpoints; '' = the run folder under out/
+                           # with the newest SeTok checkpoint (config=small sets out/small)
 setok_ckpt = ''            # SeTok checkpoint; '' = <out_dir>/ckpt.pt
 ckpt = ''                  # SETOKIM checkpoint; '' = <out_dir>/setokim/stage2.pt (or stage1.pt) if it exists;
                            # 'none' = no SETOKIM
@@ -119,7 +123,7 @@ SETOKIM_RUN = ('setokim/stage2.pt', 'setokim/stage1.pt')   # what train_setokim.
 
 def load_image(path, size):
     """An image file -> (3, size, size) float tensor in [0, 1], decoded as the header above says by
-    data/loader.py's load_image (which the streaming training loader uses too). Raises ImageError."""
+    data/world.py's load_image (which the streaming training loader uses too). Raises ImageError."""
     return load_image_uint8(path, size).float() / 255
 
 
@@ -155,58 +159,11 @@ def output_names(files):
 # -----------------------------------------------------------------------------
 # pictures out
 
-def _font(width):
-    try:
-        return ImageFont.load_default(size=max(10, width // 22))
-    except TypeError:                            # an old PIL without a scalable default font
-        return ImageFont.load_default()
-
-
-def _wrap(text, font, width):
-    """Greedy word wrap of text into lines no wider than width pixels."""
-    lines = []
-    for para in text.splitlines() or ['']:
-        line = ''
-        for word in para.split(' '):
-            cand = f'{line} {word}'.strip()
-            if line and font.getlength(cand) > width:
-                lines.append(line)
-                line = word
-            else:
-                line = cand
-        lines.append(line)
-    return '\n'.join(lines)
-
-
-def save_strip(pictures, texts, path, pad=2):
-    """Save equally sized uint8 pictures (H, W, 3) side by side in a dark frame of `pad` pixels, each
-    with its text in the top-left corner (white, outlined in black: readable on any colour)."""
-    h, w = pictures[0].shape[:2]
-    canvas = Image.new('RGB', (len(pictures) * (w + pad) + pad, h + 2 * pad), (32, 32, 32))
-    draw, font = ImageDraw.Draw(canvas), _font(w)
-    for j, (pic, text) in enumerate(zip(pictures, texts)):
-        x = pad + j * (w + pad)
-        canvas.paste(Image.fromarray(pic), (x, pad))
-        if text:
-            draw.multiline_text((x + 4, pad + 3), _wrap(text, font, w - 8), font=font, fill=(255, 255, 255),
-                                stroke_width=2, stroke_fill=(0, 0, 0))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
+def save_strip(pictures, texts, path):
+    """Equally sized uint8 pictures side by side, each with its text (common.save_panel), and say so."""
+    save_panel([pictures], path, [texts])
     print(f"wrote {path}", flush=True)
     return path
-
-
-def mask_overlay(img, mask, scale, colour=(255, 40, 40), alpha=0.5):
-    """The image with a (H, W) mask in [0, 1] blended over it in `colour`, its outline drawn white."""
-    base = to_uint8(img, scale).astype(np.float32)
-    m = mask.detach().float().cpu().numpy().repeat(scale, 0).repeat(scale, 1)
-    out = base * (1 - alpha * m[..., None]) + np.array(colour, np.float32) * alpha * m[..., None]
-    b = m > 0.5
-    edge = np.zeros_like(b)
-    edge[:, :-1] |= b[:, :-1] != b[:, 1:]
-    edge[:-1, :] |= b[:-1, :] != b[1:, :]
-    out[edge] = 255
-    return out.round().astype(np.uint8)
 
 
 # -----------------------------------------------------------------------------
@@ -214,74 +171,60 @@ def mask_overlay(img, mask, scale, colour=(255, 40, 40), alpha=0.5):
 
 def resolve(path):
     """A relative path is taken from the current folder, else from the repo root."""
-    if os.path.isabs(path) or os.path.exists(path) or not os.path.exists(os.path.join(_HERE, path)):
+    if os.path.isabs(path) or os.path.exists(path) or not os.path.exists(os.path.join(HERE, path)):
         return path
-    return os.path.join(_HERE, path)
+    return os.path.join(HERE, path)
 
 
 def same_file(a, b):
     return os.path.realpath(resolve(a)) == os.path.realpath(resolve(b))
 
 
-def weights_error(e):
-    """A short one-line account of why a state dict or config did not load."""
-    msg = ' '.join(str(e).split())
-    if isinstance(e, KeyError):
-        return f"missing entry {msg}"
-    if isinstance(e, RuntimeError) and 'state_dict' in msg:
-        msg = msg.split(':', 1)[-1].strip()           # drop "Error(s) in loading state_dict for X:"
-    return msg if len(msg) <= 240 else msg[:240] + ' ...'
-
-
-def check_shape(path, setok, detok, settings, gpt_cfg=None):
-    """Die if a model's shape differs from the (non-zero) shape settings of the preset."""
-    theirs = {**{k: getattr(setok.cfg, k) for k in ARCH_KEYS}, **{f'dec_{k}': getattr(detok.cfg, k) for k in DEC_KEYS}}
-    if gpt_cfg is not None:
-        theirs.update({k: getattr(gpt_cfg, v) for k, v in LLM_KEYS.items()})
-    diff = [f"{k}={v} (config: {settings[k]})" for k, v in theirs.items() if settings[k] and settings[k] != v]
-    if diff:
-        die(f"{path} is from another preset: it has {', '.join(diff)}; pass the config it was trained with, "
-            f"or no config")
+def run_folder(settings):
+    """out_dir, or when it is '' the run folder under out/ whose SeTok checkpoint (ckpt.pt) is the newest:
+    right after `python train_setok.py config=small` that is out/small."""
+    if settings['out_dir']:
+        return settings['out_dir']
+    found = sorted(glob.glob(os.path.join(HERE, 'out', '*', 'ckpt.pt')), key=os.path.getmtime)
+    if not found and not settings['setok_ckpt']:
+        die("no checkpoints under out/: train SeTok first (python train_setok.py config=small), or pass "
+            "setok_ckpt=PATH or out_dir=FOLDER")
+    return os.path.dirname(found[-1]) if found else os.path.join(HERE, 'out')
 
 
 def load_models(settings, dev, wants_llm):
     """-> (setok, detok, llm) where llm is None or (SETOKIM model, text tokenizer, checkpoint dict).
     A SETOKIM checkpoint names the SeTok checkpoint it was trained on, and that SeTok is used: the LLM
     only understands the tokens of its own tokenizer."""
-    setok_path = resolve(settings['setok_ckpt'] or os.path.join(settings['out_dir'], 'ckpt.pt'))
-    runs = [resolve(os.path.join(settings['out_dir'], r)) for r in SETOKIM_RUN]
+    folder = run_folder(settings)
+    setok_path = resolve(settings['setok_ckpt'] or os.path.join(folder, 'ckpt.pt'))
+    runs = [resolve(os.path.join(folder, r)) for r in SETOKIM_RUN]
     llm_path = resolve(settings['ckpt']) if settings['ckpt'] else next((r for r in runs if os.path.exists(r)), runs[0])
     if wants_llm and settings['ckpt'].lower() == 'none':
         modes = ', '.join(f'--{k}' for k in ('prompt', 'refer', 'generate', 'edit') if settings[k])
         die(f"{modes} needs a SETOKIM checkpoint, but ckpt=none")
     explicit = wants_llm or (settings['ckpt'] and settings['ckpt'].lower() != 'none')
-    use_llm = explicit or (not settings['ckpt'] and os.path.exists(llm_path))
     llm = None
-    if use_llm:
-        import setokim
+    if explicit or (not settings['ckpt'] and os.path.exists(llm_path)):
         ck = load_checkpoint(llm_path, kind='setokim', what='SETOKIM checkpoint')   # kind checked first
-        trained_on = setokim.setok_ckpt_of(ck, llm_path) if ck.get('setok_ckpt') else ''
-        if settings['setok_ckpt'] and trained_on and not same_file(setok_path, trained_on):
+        trained_on = setok_ckpt_of(ck, llm_path)
+        if settings['setok_ckpt'] and not same_file(setok_path, trained_on):
             if explicit:
                 die(f"{llm_path} was trained on the SeTok checkpoint {trained_on}, not setok_ckpt={settings['setok_ckpt']}; "
                     f"leave setok_ckpt out (the SETOKIM checkpoint brings its own)")
             print(f"note: not using the SETOKIM checkpoint {llm_path}: it was trained on another SeTok "
                   f"checkpoint ({trained_on}); pass ckpt=... to use it", flush=True)
         else:
-            try:
-                model, tok, setok, detok, ck = setokim.load_setokim(llm_path, dev)
-            except (KeyError, RuntimeError, TypeError, AttributeError) as e:
-                die(f"{llm_path} (or the SeTok checkpoint it was trained on) does not fit this version of the code "
-                    f"({weights_error(e)}); it was probably written by an older version: retrain it")
-            setok_path, llm = trained_on or setok_path, (model, tok, ck)
+            model, tok, setok, detok, ck = load_setokim(llm_path, dev, ck)
+            setok_path, llm = trained_on, (model, tok, ck)
     if llm is None:
-        from detok import load_setok
-        try:
-            setok, detok, _ = load_setok(setok_path, dev)
-        except (KeyError, RuntimeError, TypeError) as e:
-            die(f"{setok_path} does not fit this version of the code ({weights_error(e)}); it was probably written "
-                f"by an older train_setok.py: retrain it")
-    check_shape(llm_path if llm else setok_path, setok, detok, settings, llm[0].cfg if llm else None)
+        setok, detok, _ = load_setok(setok_path, dev)
+    # the preset's shape settings (0: anything) against the checkpoint's
+    shape = {**{k: getattr(setok.cfg, k) for k in ARCH_KEYS}, **{f'dec_{k}': getattr(detok.cfg, k) for k in DEC_KEYS}}
+    if llm:
+        shape.update({k: getattr(llm[0].cfg, v) for k, v in LLM_KEYS.items()})
+    check_config(llm_path if llm else setok_path, shape, {k: settings[k] or None for k in shape},
+                 fix="pass the config it was trained with, or no config")
     if settings['threshold'] >= 0:
         setok.cfg.cluster_threshold = settings['threshold']         # read at every forward: more/fewer tokens
     return setok, detok, llm
@@ -294,7 +237,6 @@ def load_models(settings, dev, wants_llm):
 def tokenize_images(files, prefixes, setok, detok, settings, ctx, dev):
     """Run the images through SeTok + detokenizer in batches of batch_size; write tokens.png and
     recon.png for each. Yields (file, prefix, img (3,S,S), tokens (K,D), token_mask (K,), labels (N,))."""
-    from detok import psnr
     S, sc, bs = setok.cfg.image_size, settings['scale'], max(1, settings['batch_size'])
     for i in range(0, len(files), bs):
         batch = []
@@ -341,13 +283,11 @@ class Conversation:
     def image_tokens(self, tokens, token_mask, labels):
         """One image's SeTok output -> the same in reading order (the order SETOKIM was trained on),
         batch of 1: tokens (1,K,D), token_mask (1,K), labels (1,N)."""
-        from setokim import reading_order
         return reading_order(tokens[None], token_mask[None], labels[None].long(), self.setok.grid)
 
     def prompt(self, text, image=None, extra=()):
         """text: the user's turn; image: (tokens (1,K,D), token_mask (1,K)) in reading order or None;
         extra: ids forced after [ASSISTANT] ([SEG] to segment, [Img] to write an image)."""
-        from setokim import encode_conversation
         k = int(image[1].sum()) if image is not None else 0
         value = f'<image>\n{text}' if image is not None else text
         ids, ref, _, _ = encode_conversation(self.tok, [{'from': 'human', 'value': value}], lambda out: (0, k),
@@ -374,7 +314,6 @@ class Conversation:
 
     def write_image(self, text, image, detok):
         """Generate an image after a forced [Img] -> (3, S, S) in [0, 1] and its number of tokens."""
-        from setokim import visual_tokens
         K = self.setok.max_tokens
         ids, vis = self.generate(self.prompt(text, image, extra=[self.tok.img]), max(self.settings['max_new_tokens'], K + 2))
         tokens, token_mask = visual_tokens(ids, vis, self.vis_id, K)
@@ -449,7 +388,6 @@ def main(settings):
 
 
 if __name__ == '__main__':
-    import signal
     if hasattr(signal, 'SIGPIPE'):                  # `python sample.py ... | head`: stop quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     main(configure(globals()))

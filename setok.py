@@ -195,11 +195,9 @@ class ViT(nn.Module):
 #   * scale-free: distances are divided by the mean length |x_i| of the image's feature vectors, so
 #     `threshold` (on rho * delta) means the same whatever the scale of the features: a centre must
 #     be dense AND about `threshold` feature lengths away from anything denser. For LayerNorm
-#     outputs that unit is nearly the same for every image. Dividing by the image's mean pairwise
-#     distance instead (our first version) makes the unit shrink for a plain image and grow for a
-#     busy one, so the token count stops following the number of objects (one toy checkpoint,
-#     about 4.5 tokens per image either way: Spearman of tokens vs objects 0.45 with the pairwise
-#     unit, 0.81 with this one);
+#     outputs that unit is nearly the same for every image. The image's mean pairwise distance
+#     would not do as the unit: it shrinks for a plain image and grows for a busy one, so the
+#     token count would stop following the number of objects;
 #   * deterministic: density ties are broken by patch index (lower index counts as denser), never
 #     by random noise;
 #   * k (the kNN size for density) is its own setting, and the token count is clamped to
@@ -258,8 +256,8 @@ def density_peak_cluster_reference(x, k=5, threshold=0.5, min_tokens=1, max_toke
 # Which features to group. The paper clusters the output of a frozen, pretrained SigLIP. An encoder
 # trained from scratch (the toy) learns in its last blocks what the reconstruction needs, such as
 # edges and where a patch sits inside its object, and its output stops grouping by object: the rims of
-# objects form clusters of their own. Its first blocks stay local and group by object far better (the
-# README's table). So SeTokConfig.cluster_layer picks the features the clustering reads; the merger
+# objects form clusters of their own. Its first blocks stay local and group by object far better
+# (RESULTS.md, 1.2). So SeTokConfig.cluster_layer picks the features the clustering reads; the merger
 # always pools the encoder's output.
 
 
@@ -404,7 +402,7 @@ class TextEncoder(nn.Module):
     """A small transformer over the subword ids of a concept ("large red circle"), mean-pooled over
     its real tokens and projected to the token width D. The paper uses SigLIP's text tower."""
 
-    def __init__(self, vocab_size, dim, depth, n_head, out_dim, max_len=16, pad_id=3):
+    def __init__(self, vocab_size, dim, depth, n_head, out_dim, pad_id, max_len=16):
         super().__init__()
         self.pad_id = pad_id
         self.tok = nn.Embedding(vocab_size, dim)
@@ -412,7 +410,7 @@ class TextEncoder(nn.Module):
         self.blocks = nn.ModuleList([Block(dim, n_head) for _ in range(depth)])
         self.ln, self.out = nn.LayerNorm(dim), nn.Linear(dim, out_dim)
 
-    def forward(self, ids):                                                 # ids (M, L), pad = pad_id
+    def forward(self, ids):                                                 # ids (M, L), pad_id: the text tokenizer's
         keep = ids != self.pad_id                                           # (M, L)
         x = self.tok(ids) + self.pos[:ids.shape[1]]                         # (M, L, C)
         for blk in self.blocks:

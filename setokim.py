@@ -25,17 +25,14 @@ the world's special tokens). K, the number of tokens of an image, is that image'
     loss = ce_weight * text CE (answers only) + reg_weight * (MSE + cos_weight * (1 - cos))
          + mask_weight * (BCE + dice_weight * dice)          each sample uses the terms its data has
 
-Sections: 1) TextTokenizer  2) GPTConfig, GPT, GPT-2's weights  3) sequences: SeTok tokens in reading order,
-conversations -> flat arrays -> batches (padded, or several conversations per row)  4) MaskDecoder  5) SETOKIM: embedding, loss,
-generation with a KV cache, segmentation  6) loading a trained model (load_setokim).
+The ids of the special tokens ([Img], [/Img], [SEG], ...) come from the text tokenizer (data/text.py)
+through GPTConfig. Sections: 1) GPTConfig, GPT  2) sequences: SeTok tokens in reading order, and the
+batch the model reads (data/batch.py builds it)  3) MaskDecoder  4) SETOKIM: embedding, loss, generation
+with a KV cache, segmentation. Checkpoints load through checkpoint.load_setokim.
 """
-import itertools
 import math
-import os
-import re
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,84 +40,7 @@ import torch.nn.functional as F
 from setok import MLP, Block, pos_embed_2d
 
 # -----------------------------------------------------------------------------
-# 1) The text tokenizer: one interface over two backends.
-#
-# sentencepiece: the shapes world's tokenizer.model (ids: unk 0, bos 1, eos 2, pad 3, then the special
-#   pieces [Img] [/Img] [SEG] [USER] [ASSISTANT] = 4..8, defined when the model was trained).
-# tiktoken:      'tiktoken:gpt2' (or an Encoding object) for real text. GPT-2's BPE has no such
-#   pieces, so they are appended after its vocabulary, followed by a pad id; eos is <|endoftext|>.
-# Special tokens are never produced by the BPE itself: encode() cuts the text at their spellings and
-# maps them straight to their ids, the same way for both backends.
-# GPT-2's BPE comes from tiktoken's cache only (pretrained.tiktoken_gpt2).
-
-
-class TextTokenizer:
-    SPECIAL = ('[Img]', '[/Img]', '[SEG]', '[USER]', '[ASSISTANT]')
-
-    def __init__(self, model):
-        self.model = model if isinstance(model, str) else f'tiktoken:{model.name}'
-        if not isinstance(model, str) or model.startswith('tiktoken:'):
-            if isinstance(model, str) and model != 'tiktoken:gpt2':
-                from common import die
-                die(f"text tokenizer {model}: the tiktoken encoding nanoSeTok knows is tiktoken:gpt2")
-            from pretrained import tiktoken_gpt2
-            enc = tiktoken_gpt2() if isinstance(model, str) else model
-            n = enc.n_vocab
-            self._encode, self._decode = enc.encode_ordinary, enc.decode
-            self.special = {s: n + k for k, s in enumerate(self.SPECIAL)}        # appended after the BPE
-            self.eos = self.bos = enc.eot_token
-            self.pad = n + len(self.SPECIAL)
-            self.vocab_size = n + len(self.SPECIAL) + 1
-        else:
-            import sentencepiece as spm
-            if not os.path.isfile(model):
-                from common import die
-                die(f"text tokenizer {model} not found; prepare the world first (python data/shapes/prepare.py)")
-            sp = spm.SentencePieceProcessor(model_file=model)
-            self._encode, self._decode = sp.encode, sp.decode
-            self.special = {s: sp.piece_to_id(s) for s in self.SPECIAL}
-            if sp.unk_id() in self.special.values():
-                from common import die
-                die(f"{model} has no pieces for {', '.join(self.SPECIAL)}; use a tokenizer.model from prepare.py")
-            self.eos, self.bos, self.pad = sp.eos_id(), sp.bos_id(), sp.pad_id()
-            self.vocab_size = sp.get_piece_size()
-        self.img, self.img_end, self.seg, self.user, self.assistant = (self.special[s] for s in self.SPECIAL)
-        self._names = {v: k for k, v in self.special.items()}
-        self._split = re.compile('(' + '|'.join(re.escape(s) for s in self.SPECIAL) + ')')
-
-    def encode(self, text):
-        """str -> list of ids; the special spellings anywhere in text become their ids."""
-        ids = []
-        for part in self._split.split(text):
-            if part in self.special:
-                ids.append(self.special[part])
-            elif part.strip():
-                ids += self._encode(part.strip())
-        return ids
-
-    def decode(self, ids):
-        """ids -> str. Special tokens are spelled out, eos and pad end / are dropped; any id past the
-        text vocabulary (SETOKIM's VIS) is written as <v>."""
-        words, run = [], []
-        for i in ids:                         # one sequence, at most a few hundred ids: not a hot path
-            i = int(i)
-            if i in (self.eos, self.pad) or i in self._names or i >= self.vocab_size:
-                if run:
-                    words.append(self._decode(run))
-                    run = []
-                if i == self.eos:
-                    break
-                if i != self.pad:
-                    words.append(self._names.get(i, '<v>'))
-            else:
-                run.append(i)
-        if run:
-            words.append(self._decode(run))
-        return ' '.join(w.strip() for w in words if w.strip())
-
-
-# -----------------------------------------------------------------------------
-# 2) The LLM: a nanoGPT-like decoder, from scratch, built from setok.Block.
+# 1) The LLM: a nanoGPT-like decoder, from scratch, built from setok.Block.
 #
 # Positions are LEARNED ABSOLUTE embeddings (GPT-2's choice), one row per position up to block_size.
 # Why not RoPE: our sequences are short and have a known maximum, and absolute positions keep the KV
@@ -143,12 +63,13 @@ class GPTConfig:
     mask_depth: int = 2        # mask decoder layers
     mask_n_head: int = 4
     mask_refine: bool = True   # a per-patch correction on top of the exact label gather
-    # ids of the text tokenizer that the model uses while generating
-    img_id: int = 4
-    img_end_id: int = 5
-    seg_id: int = 6
-    eos_id: int = 2
-    pad_id: int = 3
+    # ids of the text tokenizer's special tokens, used while generating: always set from the tokenizer
+    # (train_setokim.gpt_config); -1 = not set
+    img_id: int = -1
+    img_end_id: int = -1
+    seg_id: int = -1
+    eos_id: int = -1
+    pad_id: int = -1
 
     @property
     def vis_id(self):
@@ -220,9 +141,9 @@ class GPT(nn.Module):
 # GPT-2's weights load into this GPT through pretrained.py (train_setokim.py init_from=gpt2-local).
 
 # -----------------------------------------------------------------------------
-# 3) Sequences.
+# 2) Sequences.
 #
-# 3a) SeTok's tokens are a SET: the merger's inter-cluster transformer has no token positions and
+# 2a) SeTok's tokens are a SET: the merger's inter-cluster transformer has no token positions and
 # the detokenizer draws each as its own sprite, so their order is free, but an LLM reads and writes
 # a SEQUENCE. We put every image's tokens in READING ORDER: by the centroid of each token's cluster,
 # top to bottom in `bands` horizontal bands, left to right inside a band (the order the world's
@@ -247,186 +168,34 @@ def reading_order(tokens, token_mask, labels, grid, bands=3):
             new_of_old.gather(1, labels.long()))                            # labels: old id -> new id
 
 
-# 3b) The token bank: every image's real SeTok tokens, one image after another (ragged, no padding),
-# so an image that has 3 tokens takes 3 rows. Computed once (SeTok is frozen) by train_setokim.py.
-
-@dataclass
-class Bank:
-    tokens: torch.Tensor       # (M, D) float16: the real tokens of all images, image after image
-    off: torch.Tensor          # (n_img,) long: first row of each image
-    ntok: torch.Tensor         # (n_img,) long: its number of tokens
-    labels: torch.Tensor       # (n_img, N) int16: its patches' token ids (in reading order)
-    instances: torch.Tensor    # (n_src, H, W) uint8: instance maps of the source images (refer masks)
-
-    def padded(self, img, K=None):
-        """Images img (b,) -> tokens (b, K, D) float, token_mask (b, K): a gather, no loop."""
-        K = K or int(self.ntok[img].max())
-        k = torch.arange(K)
-        mask = k[None] < self.ntok[img][:, None]                            # (b, K)
-        rows = torch.where(mask, self.off[img][:, None] + k[None], 0)       # (b, K)
-        return self.tokens[rows].float() * mask[..., None], mask
+@torch.no_grad()
+def setok_tokens(setok, img, ctx):
+    """SeTok on images (b, 3, H, W) in [0, 1] -> what SETOKIM reads, on the CPU: the real tokens in
+    reading order, image after image (sum of counts, D) float, each image's token count (b,), and the
+    patch labels (b, N) int16. The token cache and the streamed batches of train_setokim.py call it."""
+    with ctx:
+        t, m, lab = setok(img)                                              # (b,K,D), (b,K), (b,N)
+    t, m, lab = reading_order(t.float(), m, lab, setok.grid)
+    return t[m].cpu(), m.sum(1).cpu(), lab.short().cpu()
 
 
-# 3c) One conversation -> flat per-position lists. Tokenising is string work, done once per run at
-# startup for the whole dataset (never per step).
-
-def encode_conversation(tok, turns, image_ref, vis_id):
-    """turns: LLaVA-style [{'from': 'human'|'gpt', 'value': str}]. '<image>' inside a human turn is the
-    input image; a gpt turn whose whole value is '<image>' is an image the model writes.
-    image_ref(is_output) -> (first bank row, number of tokens) of that image.
-    Returns lists over positions: ids (VIS at visual slots), ref (bank row of a visual slot, else -1),
-    ans (position belongs to an answer: gpt turns and their [eos]), out (visual slot of a written image)."""
-    ids, ref, ans, out = [], [], [], []
-
-    def put(new_ids, is_ans, rows=None, is_out=False):
-        ids.extend(new_ids)
-        ref.extend(rows if rows is not None else [-1] * len(new_ids))
-        ans.extend([is_ans] * len(new_ids))
-        out.extend([is_out] * len(new_ids))
-
-    def image(is_ans, is_out):
-        row, k = image_ref(is_out)
-        put([tok.img], is_ans)
-        put([vis_id] * k, is_ans, list(range(row, row + k)), is_out)
-        put([tok.img_end], is_ans)
-
-    for turn in turns:
-        if turn['from'] == 'human':
-            put([tok.user], False)
-            for j, text in enumerate(turn['value'].split('<image>')):
-                if j > 0:
-                    image(False, False)
-                put(tok.encode(text), False)
-        else:
-            put([tok.assistant], False)
-            if turn['value'].strip() == '<image>':
-                image(True, True)
-            else:
-                put(tok.encode(turn['value']), True)
-            put([tok.eos], True)
-    return ids, ref, ans, out
-
-
-@dataclass
-class Packed:
-    """All conversations of a split in flat arrays (conversation after conversation) + per-conversation
-    fields. Batching is a gather at offsets (collate)."""
-    ids: torch.Tensor          # (L,) long
-    ref: torch.Tensor          # (L,) long, bank row of visual slots, -1 elsewhere
-    ans: torch.Tensor          # (L,) bool
-    out: torch.Tensor          # (L,) bool
-    off: torch.Tensor          # (n,) long: first position of each conversation
-    length: torch.Tensor       # (n,) long
-    prompt_len: torch.Tensor   # (n,) long: positions up to and including the first [ASSISTANT]
-    img: torch.Tensor          # (n,) long: the input image (bank index), -1 when none
-    mask_id: torch.Tensor      # (n,) long: instance id of the referred object, 0 when none
-    n_ce: torch.Tensor         # (n,) long: answer tokens to predict (text CE terms)
-    n_reg: torch.Tensor        # (n,) long: visual tokens to regress
-    has_seg: torch.Tensor      # (n,) bool: a [SEG] in the answer (mask loss)
-
-
-def pack(encoded, img, mask_id, seg_id):
-    """encoded: [(ids, ref, ans, out)] from encode_conversation; img, mask_id: per conversation."""
-    length = torch.tensor([len(e[0]) for e in encoded])
-    cat = lambda k, dt: torch.from_numpy(np.fromiter(itertools.chain.from_iterable(e[k] for e in encoded), dt,
-                                                     count=int(length.sum())))
-    ids, ref, ans, out = cat(0, np.int64), cat(1, np.int64), cat(2, np.bool_), cat(3, np.bool_)
-    off = length.cumsum(0) - length
-    conv = torch.arange(len(encoded)).repeat_interleave(length)             # (L,) owner of each position
-    first = off[conv] == torch.arange(len(ids))                             # first position of its conversation
-    per_conv = lambda x: torch.zeros(len(encoded), dtype=torch.long).index_add_(0, conv, x.long())
-    # the first answer position of each conversation (answers never start a conversation)
-    pos_in = torch.arange(len(ids)) - off[conv]
-    first_ans = torch.full((len(encoded),), 1 << 30).scatter_reduce(0, conv, torch.where(ans, pos_in, 1 << 30), 'amin')
-    return Packed(ids=ids, ref=ref, ans=ans, out=out, off=off, length=length, prompt_len=first_ans,
-                  img=torch.as_tensor(img, dtype=torch.long), mask_id=torch.as_tensor(mask_id, dtype=torch.long),
-                  n_ce=per_conv(ans & ~first), n_reg=per_conv(out), has_seg=per_conv(ans & (ids == seg_id)) > 0)
-
-
-def row_slots(length, cap):
-    """Packing: conversations of these lengths (B,) into as few rows of `cap` positions as first-fit
-    decreasing finds (longest first, each into the first row it fits). -> row (B,), start (B,) long.
-    A loop over at most a batch's B integers (bookkeeping, no tensor work); collate does the rest
-    vectorised. With cap = the longest conversation, no row is wider than the padded batch."""
-    fill, row, start = [], [0] * len(length), [0] * len(length)
-    for i in sorted(range(len(length)), key=lambda i: -length[i]):
-        r = next((r for r, f in enumerate(fill) if f + length[i] <= cap), len(fill))
-        if r == len(fill):
-            fill.append(0)
-        row[i], start[i] = r, fill[r]
-        fill[r] += length[i]
-    return torch.tensor(row, dtype=torch.long), torch.tensor(start, dtype=torch.long)
-
-
-def collate(P, bank, rows, cfg, prompt_extra=None, pack_rows=False):
-    """Conversations `rows` (B,) of P -> a padded batch (dict of tensors), vectorised.
-    Training batches are right-padded, one conversation per row; with pack_rows, several
-    conversations share a row (row_slots) and `doc` keeps them apart: the GPT lets a position attend
-    only within its own conversation and restarts the positions at each, so a packed batch computes
-    what the one-per-row batch does, on fewer padded positions (config=small: about half).
-    With prompt_extra (B,) (0 or 1) the batch holds only the prompts (up to [ASSISTANT], plus
-    prompt_extra answer tokens, e.g. a forced [Img] or [SEG]), one per row, LEFT-padded so that every
-    prompt ends in the last column (for generation). Rows: B' (= B unless packed).
-      idx (B',T) ids, pad where padding     real (B',T) bool
-      doc (B',T) long: the conversation (0..B-1) of each position, -1 on padding (training batches)
-      vis_mask (B',T) visual slots          vis (M, D) their SeTok tokens, in row-major order
-      targets (B',T) next id where it is an answer token, else -1
-      reg_mask (B',T) positions whose NEXT token is a written visual token, reg_target (R, D) that token
-      seg_rows (S,), seg_pos (S,) the row and position of each conversation's [SEG] answer,
-      seg_tokens (S,K,D), seg_token_mask (S,K), seg_labels (S,N) long, seg_gt (S,H,W) float: the input
-      image of each"""
-    rows = torch.as_tensor(rows, dtype=torch.long)
-    L = P.length[rows] if prompt_extra is None else P.prompt_len[rows] + torch.as_tensor(prompt_extra)
-    T = int(L.max())
-    if prompt_extra is None:
-        row, start = row_slots(L.tolist(), T) if pack_rows else (torch.arange(len(rows)), torch.zeros_like(rows))
-        conv = torch.arange(len(rows)).repeat_interleave(L)                 # (n,) conversation of each real position
-        within = torch.arange(len(conv)) - (L.cumsum(0) - L)[conv]          # (n,) its place in the conversation
-        dest = row[conv] * T + start[conv] + within                         # (n,) its place in the batch, flat
-        shape = (int(row.max()) + 1, T)
-        src = torch.zeros(shape[0] * T, dtype=torch.long).index_put_((dest,), P.off[rows][conv] + within).view(shape)
-        doc = torch.full((shape[0] * T,), -1).index_put_((dest,), conv).view(shape)   # (B', T)
-        real = doc >= 0
-    else:
-        t = torch.arange(T)
-        start = T - L                                                       # left padding
-        real = t[None] >= start[:, None]
-        src = torch.where(real, P.off[rows][:, None] + t[None] - start[:, None], 0)   # (B, T) flat position
-    idx = torch.where(real, P.ids[src], cfg.pad_id)
-    ref = torch.where(real, P.ref[src], -1)
-    ans, out = real & P.ans[src], real & P.out[src]
-    vis_mask = ref >= 0
-    b = {'idx': idx, 'real': real, 'vis_mask': vis_mask, 'vis': bank.tokens[ref[vis_mask]].float()}
-    if prompt_extra is not None:
-        return b
-    b['doc'] = doc
-    # the target at t is the token at t+1 when that token is part of an answer (a conversation's first
-    # token never is, so no target crosses from one packed conversation into the next)
-    b['targets'] = F.pad(torch.where(ans[:, 1:], idx[:, 1:], -1), (0, 1), value=-1)       # (B', T)
-    b['reg_mask'] = F.pad(out[:, 1:], (0, 1), value=False)                               # (B', T)
-    b['reg_target'] = bank.tokens[ref[:, 1:][out[:, 1:]]].float()                        # (R, D)
-    seg_r, seg_t = (ans & (idx == cfg.seg_id)).nonzero(as_tuple=True)                    # every [SEG] answer
-    seg_c = doc[seg_r, seg_t]
-    first = torch.ones_like(seg_c, dtype=torch.bool)
-    first[1:] = seg_c[1:] != seg_c[:-1]                                                  # each conversation's first
-    b['seg_rows'], b['seg_pos'], seg_c = seg_r[first], seg_t[first], seg_c[first]        # (S,)
-    img = P.img[rows[seg_c]]
-    b['seg_tokens'], b['seg_token_mask'] = bank.padded(img, K=max(1, int(bank.ntok[img].max())) if len(img) else 1)
-    b['seg_labels'] = bank.labels[img].long()
-    b['seg_gt'] = (bank.instances[img].long() == P.mask_id[rows[seg_c]][:, None, None]).float()
-    return b
-
-
-def loss_counts(P, rows):
-    """The number of terms of each loss over conversations `rows`: (n_ce, n_reg, n_seg). Every
-    process computes them for the GLOBAL batch (the data order is known), so the loss is the same mean
-    whatever the batch is split into (processes, micro-steps)."""
-    rows = torch.as_tensor(rows, dtype=torch.long)
-    return (int(P.n_ce[rows].sum()), int(P.n_reg[rows].sum()), int(P.has_seg[rows].sum()))
+# 2b) From conversations to batches (data/batch.py). Tokenising is string work, done once per run for
+# the whole dataset: data.batch.encode_conversation writes each conversation as flat per-position
+# lists (ids with VIS at visual slots, the bank row of each visual slot, answer and written-image
+# flags), pack() puts a split's conversations end to end in flat arrays, and collate() gathers a
+# batch from them, vectorised. What the model reads is a dict of tensors (B' rows of T positions):
+#   idx (B',T) ids, pad on padding         real (B',T) bool
+#   doc (B',T) the conversation of each position (-1 padding): several may share a row (packing)
+#   vis_mask (B',T) visual slots           vis (M, D) their SeTok tokens, in row-major order
+#   targets (B',T) next id where it is an answer token, else -1
+#   reg_mask (B',T) positions whose NEXT token is a written visual token, reg_target (R, D) that token
+#   seg_rows, seg_pos (S,) where each [SEG] answer is; seg_tokens (S,K,D), seg_token_mask (S,K),
+#   seg_labels (S,N), seg_gt (S,H,W): the input image of each, for the mask decoder
+# Generation prompts (collate(..., prompt_extra=...)) carry idx, real, vis_mask and vis only, LEFT-padded.
 
 
 # -----------------------------------------------------------------------------
-# 4) The mask decoder (referring segmentation).
+# 3) The mask decoder (referring segmentation).
 #
 # The tokens know WHERE their concepts are (SeTok's position embedding goes in before pooling), the
 # [SEG] hidden state knows WHICH concept is asked for. A few transformer layers over [query, tokens]
@@ -485,7 +254,7 @@ def mask_loss(pix_logits, gt, dice_weight=1.0):
 
 
 # -----------------------------------------------------------------------------
-# 5) SETOKIM: the GPT, the two projectors, the mask decoder.
+# 4) SETOKIM: the GPT, the two projectors, the mask decoder.
 
 def sample_next(logits, temperature=0.0, top_k=None):
     """logits (B, V) -> ids (B,). temperature <= 0: greedy (argmax)."""
@@ -501,6 +270,8 @@ def sample_next(logits, temperature=0.0, top_k=None):
 class SETOKIM(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        unset = [k for k in ('img_id', 'img_end_id', 'seg_id', 'eos_id', 'pad_id') if getattr(cfg, k) < 0]
+        assert not unset, f"GPTConfig: {', '.join(unset)} not set; take them from the text tokenizer"
         self.cfg = cfg
         C, D = cfg.n_embd, cfg.token_dim
         self.gpt = GPT(cfg)
@@ -625,28 +396,3 @@ def visual_tokens(ids, vis, vis_id, K):
     tokens = vis.new_zeros(B, K, D).index_put((r, slot[r, s]), vis[r, s])
     mask = torch.zeros(B, K, dtype=torch.bool, device=ids.device).index_put((r, slot[r, s]), torch.tensor(True, device=ids.device))
     return tokens, mask
-
-
-# -----------------------------------------------------------------------------
-# 6) Loading a trained SETOKIM (for sample.py): the model, its text tokenizer, and the frozen SeTok +
-# detokenizer it was trained with (the same tokenizer override).
-
-def setok_ckpt_of(ck, path):
-    """The SeTok checkpoint a SETOKIM checkpoint (ck, read from path) was trained on; it is stored
-    relative to the SETOKIM checkpoint's folder (absolute in older checkpoints)."""
-    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), ck['setok_ckpt']))
-
-
-def load_setokim(path, device='cpu'):
-    """-> (model, text tokenizer, setok, detok, checkpoint dict), models in eval mode."""
-    from common import die, load_checkpoint
-    from detok import load_setok
-    ck = load_checkpoint(path, kind='setokim', what='SETOKIM checkpoint')
-    model = SETOKIM(GPTConfig(**ck['gpt_config']))
-    model.load_state_dict(ck['model'])
-    tok = TextTokenizer(ck['text_tokenizer'])
-    setok_path = setok_ckpt_of(ck, path)
-    if not os.path.isfile(setok_path):
-        die(f"{path} was trained on the SeTok checkpoint {setok_path}, which is gone")
-    setok, detok, _ = load_setok(setok_path, device, **ck['setok_overrides'])
-    return model.to(device).eval(), tok, setok, detok, ck

@@ -6,10 +6,11 @@ concept text encoder, with   loss = recon_weight * reconstruction + contrast_wei
     torchrun --nproc_per_node=8 train_setok.py config=full
     python train_setok.py config=small init_from=resume   # continue exactly where it stopped
     python train_setok.py config=small eval_only=True     # metrics + picture panel of a checkpoint
+    python bench.py rows=smoke config=full                # the full preset's shapes, one step (time, memory)
     torchrun --nproc_per_node=8 train_setok.py config=full data_dirs=data/cc3m/world,data/refcoco/world \
         data_weights=0.9,0.1 num_workers=8               # converted real data (data/*/prepare.py), streamed
 
-With data_dirs the images are streamed (data.loader.StreamingLoader: decoded, squared to image_size
+With data_dirs the images are streamed (data.stream.StreamingLoader: decoded, squared to image_size
 and their concepts tokenised in num_workers processes; each DDP rank reads its own shard; the loader's
 position is in the checkpoint, so init_from=resume goes on at the exact sample). Images without
 concepts (caption and LLaVA worlds) add nothing to the contrastive loss; eval reports PSNR alone when
@@ -17,7 +18,6 @@ the val images have no instance maps.
 
 Every module-level value below is a setting, overridable as key=value on the command line.
 """
-import functools
 import math
 import os
 import sys
@@ -26,15 +26,19 @@ from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 import numpy as np
+import sentencepiece as spm
 import torch
-import torch.nn as nn
-from tqdm import tqdm
 
-from common import (HERE, cluster_overlay, configure, die, gather_all, load_checkpoint, load_weights, lr_at, pick_device,
-                    rng_state, save_checkpoint, save_panel, set_rng_state, setup_ddp, timed_step, to_uint8)
-from detok import DetokConfig, Detokenizer, detok_loss, psnr
+from checkpoint import check_config, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
+from common import (HERE, Progress, RunLog, adamw, as_list, cluster_overlay, compile_on, configure, die, lr_at,
+                    pick_device, plot_curves, save_panel, setup_ddp, to_uint8, wrap_ddp)
+from data.order import DataOrder
+from data.shapes.prepare import prepare
+from data.stream import StreamingLoader
+from data.world import load_split, resolve_world, world_splits
+from detok import DetokConfig, Tokenizer, psnr
 from pretrained import load_vit, pretrained_config, pretrained_weights, vit_shape
-from setok import SeTok, SeTokConfig, TextEncoder, concept_contrastive_loss, grid_labels
+from setok import SeTokConfig, grid_labels
 
 # -----------------------------------------------------------------------------
 # settings
@@ -107,7 +111,6 @@ device = 'auto'                   # auto | cpu | cuda | cuda:1 | mps
 dtype = 'auto'                    # auto (bf16 on capable GPUs, else float32) | float32 | bfloat16
 compile = 'auto'                  # auto: on for CUDA | True | False
 threads = 0                       # CPU threads (0: torch's default)
-smoke = False                     # the model at the preset's shapes: its parameters, one step on random data
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -125,35 +128,9 @@ def detok_config(cfg):
                        dim=cfg['dec_dim'], sharpness=cfg['dec_sharpness'])
 
 
-class Tokenizer(nn.Module):
-    """Everything train_setok.py trains, in one module so that DDP and torch.compile see one graph."""
-
-    def __init__(self, setok_cfg, detok_cfg, vocab_size, cfg):
-        super().__init__()
-        self.setok = SeTok(setok_cfg)
-        self.detok = Detokenizer(detok_cfg)
-        self.text = TextEncoder(vocab_size, cfg['text_dim'], cfg['text_depth'], cfg['n_head'], setok_cfg.token_dim,
-                                max_len=cfg['concept_len'])
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))   # CLIP's init, temperature 0.07
-        self.w = (cfg['recon_weight'], cfg['contrast_weight'], cfg['grad_weight'], cfg['geo_weight'])
-
-    def forward(self, img, concept_ids, concept_valid):
-        tokens, token_mask, labels = self.setok(img)                        # (B,K,D), (B,K), (B,N)
-        recon = self.detok(tokens, token_mask)                              # (B,3,H,W)
-        rec_loss, mse = detok_loss(recon.float(), img, self.w[2])
-        geo_loss = self.detok.geometry_loss(tokens, token_mask, labels, self.setok.grid)
-        B, P, L = concept_ids.shape
-        concepts = self.text(concept_ids.view(B * P, L)).view(B, P, -1)     # (B,P,D)
-        # in-batch negatives come from every DDP rank (identity on one process)
-        con_loss = concept_contrastive_loss(gather_all(tokens), gather_all(token_mask, grad=False),
-                                            gather_all(concepts), gather_all(concept_ids, grad=False),
-                                            gather_all(concept_valid, grad=False), self.logit_scale)
-        loss = self.w[0] * rec_loss + self.w[1] * con_loss + self.w[3] * geo_loss
-        return loss, {'mse': mse.detach(), 'contrast': con_loss.detach(), 'geo': geo_loss.detach(), 'tokens': token_mask.sum(1).float().mean()}
-
-
-def encode_concepts(sp, records, P, L, pad=3):
-    """Each record's concepts -> ids (N, P, L) long padded with `pad`, valid (N, P) bool."""
+def encode_concepts(sp, records, P, L):
+    """Each record's concepts -> ids (N, P, L) long padded with the tokenizer's pad id, valid (N, P) bool."""
+    pad = sp.pad_id()
     ids = torch.full((len(records), P, L), pad, dtype=torch.long)
     for i, r in enumerate(records):
         for j, c in enumerate(r.get('concepts', ())[:P]):   # a real world may have none
@@ -176,7 +153,6 @@ class ConceptIds:
 
     def __call__(self, rec):
         if self.sp is None:
-            import sentencepiece as spm
             self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
         ids, valid = encode_concepts(self.sp, [rec], self.P, self.L)
         return {'concept_ids': ids[0], 'concept_valid': valid[0]}
@@ -187,7 +163,6 @@ def streamed_data(dirs, sp_file, rank, world, master, cuda):
     image_size and concept ids made in the workers), and on rank 0 the eval set, held in memory as
     load_split's: the first eval_images of a seeded shuffle of their val images (test where no world
     has val; None where none has either), with 'instances' only when every one has a map and objects."""
-    from data.loader import StreamingLoader, world_splits
     loader = StreamingLoader(dirs, 'train', image_size, batch_size, weights=data_weights, rank=rank, world=world,
                              seed=seed, workers=num_workers, pin_memory=cuda,
                              transform=ConceptIds(sp_file, max_concepts, concept_len))
@@ -329,53 +304,23 @@ def fmt(m):
 
 
 # -----------------------------------------------------------------------------
-# building the model: a pretrained, frozen encoder (vit_init, freeze_encoder), and smoke=True
+# building the model: from scratch, or with a pretrained (and perhaps frozen) encoder
 
 VIT_KEYS = ('vit_style', 'vit_mlp', 'vit_act')
-SMOKE_TEXT_VOCAB = 32000          # smoke=True reads no world: a typical sentencepiece size for real captions
 
 
-def build_model(scfg, dcfg, vocab_size, ck=None):
+def build_model(scfg, dcfg, sp, ck=None):
     """Tokenizer(...) with vit_init's weights in its encoder (unless a checkpoint `ck` brings all the
-    weights) and the encoder frozen when freeze_encoder is set."""
-    model = Tokenizer(scfg, dcfg, vocab_size, config)
+    weights) and the encoder frozen when freeze_encoder is set. sp: the text tokenizer."""
+    model = Tokenizer(scfg, dcfg, sp.get_piece_size(), sp.pad_id(), config)
     if ck is not None:
-        mine, theirs = asdict(scfg), {**asdict(SeTokConfig()), **ck['setok_config']}
-        if any(mine[k] != theirs[k] for k in VIT_KEYS):
-            die(f"the checkpoint's encoder is {', '.join(f'{k}={theirs[k]!r}' for k in VIT_KEYS)}, here "
-                f"{', '.join(f'{k}={mine[k]!r}' for k in VIT_KEYS)}; pass the vit_init it was trained with")
+        check_config(ckpt_path, {**asdict(SeTokConfig()), **ck['setok_config']}, {k: asdict(scfg)[k] for k in VIT_KEYS},
+                     fix="pass the vit_init it was trained with")
     elif vit_init:
         load_vit(model.setok.encoder, pretrained_weights(vit_init), vit_init)
     if freeze_encoder:
         model.setok.encoder.freeze()
     return model
-
-
-def smoke_test(scfg, dcfg, dev, ctx):
-    """smoke=True: the model at the preset's shapes, its parameters per component, and one optimizer
-    step on random images and concept ids (no world needed). On a GPU at the real batch size, with the
-    step time and the peak memory of a second step (the first one warms up); on a CPU on 1 image."""
-    model = build_model(scfg, dcfg, SMOKE_TEXT_VOCAB).to(dev)
-    parts = {'encoder': model.setok.encoder, 'merger': model.setok.merger, 'detok': model.detok, 'text': model.text}
-    count = lambda ps: sum(p.numel() for p in ps) / 1e6
-    trainable = count(p for p in model.parameters() if p.requires_grad)
-    print(' | '.join(f"{k} {count(m.parameters()):.2f}M" for k, m in parts.items()) +
-          f" | total {count(model.parameters()):.2f}M, trainable {trainable:.2f}M (encoder {scfg.vit_style}"
-          f"{', frozen' if freeze_encoder else ''}; text vocabulary {SMOKE_TEXT_VOCAB})", flush=True)
-    cuda = dev.startswith('cuda')
-    B = batch_size if cuda else 1
-    img = torch.rand(B, 3, image_size, image_size, device=dev)
-    ids = torch.randint(4, SMOKE_TEXT_VOCAB, (B, max_concepts, concept_len), device=dev)
-    valid = torch.ones(B, max_concepts, dtype=torch.bool, device=dev)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
-    use_compile = str(compile).lower() in ('true', '1', 'yes') or (compile == 'auto' and cuda)
-    fwd = torch.compile(model) if use_compile else model
-
-    loss, stats, dt, mem = timed_step(lambda: fwd(img, ids, valid), opt, ctx, dev)
-    print(f"smoke: one optimizer step on {B} random {image_size}px image{'s' * (B > 1)} "
-          f"({stats['tokens'].item():.1f} tokens each): "
-          f"loss {loss:.4f}, {dt:.2f} s" + (f", peak memory {mem:.2f} GiB" if mem is not None else '') +
-          f" | device {dev} {ptdtype}", flush=True)
 
 
 if __name__ == '__main__':
@@ -399,20 +344,15 @@ if __name__ == '__main__':
         die(f"tokenizer={tokenizer}: expected setok, grid or patch")
     if not -1 <= cluster_layer < depth:
         die(f"cluster_layer={cluster_layer}: expected -1 (the encoder's output) or a number of blocks 0..{depth - 1}")
-    if smoke:
-        smoke_test(setok_config(config), detok_config(config), dev, ctx)
-        sys.exit(0)
 
     # ---- a checkpoint to resume from is checked first, before any data is loaded
     scfg, dcfg = setok_config(config), detok_config(config)
     ck = None
     if init_from == 'resume' or eval_only:
         ck = load_checkpoint(ckpt_path, kind='setok')
-        arch = lambda s, d: {**{k: v for k, v in s.items() if k in ARCH_KEYS}, **{f'dec_{k}': v for k, v in d.items()}}
-        mine, theirs = arch(asdict(scfg), asdict(dcfg)), arch(ck['setok_config'], ck['detok_config'])
-        if mine != theirs:
-            diff = ', '.join(f"{k}={theirs[k]} (here {mine[k]})" for k in mine if mine[k] != theirs.get(k))
-            die(f"{ckpt_path} has another model shape: {diff}; use the config it was trained with")
+        arch = lambda s, d: {**{k: s[k] for k in ARCH_KEYS}, **{f'dec_{k}': v for k, v in d.items()}}
+        check_config(ckpt_path, arch(ck['setok_config'], ck['detok_config']), arch(asdict(scfg), asdict(dcfg)),
+                     fix="use the config it was trained with")
         if not eval_only and bool(data_dirs) != ('data' in ck):            # the data order must go on as it was
             die(f"{ckpt_path} was trained on {'streamed worlds (data_dirs)' if 'data' in ck else 'data_dir in memory'}; "
                 f"resume it with the same data settings")
@@ -421,13 +361,9 @@ if __name__ == '__main__':
 
     # ---- data: real worlds (data_dirs) streamed, or the shapes world (data_dir) read into memory,
     # prepared on first use (rank 0 only, the others wait)
-    import sentencepiece as spm
-    from data.loader import as_list, resolve_world
     stream = [resolve_world(d) for d in as_list(data_dirs)]
     world_dir = stream[0] if stream else data_dir if os.path.isabs(data_dir) else os.path.join(HERE, data_dir)
     if not stream:
-        from data.loader import load_split
-        from data.shapes.prepare import prepare
         if master and not os.path.exists(os.path.join(world_dir, 'meta.json')):
             prepare(data_dir=world_dir, image_size=image_size)         # first run: make the shapes world
         if ddp:
@@ -456,11 +392,8 @@ if __name__ == '__main__':
         concept_vocab = sorted({c for r in train['records'] for c in r['concepts']})
 
     # ---- model, optimiser, (resumed) state
-    model = build_model(scfg, dcfg, sp.get_piece_size(), ck).to(dev)
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]      # a frozen encoder is not trained
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}],
-                            lr=learning_rate, betas=(beta1, beta2))
+    model = build_model(scfg, dcfg, sp, ck).to(dev)
+    opt = adamw(model.parameters(), learning_rate, weight_decay, (beta1, beta2))
     step = 0
     if ck is not None:
         load_weights(model, ck['model'], ckpt_path)
@@ -490,17 +423,13 @@ if __name__ == '__main__':
             print(f"eval step {step} | {fmt(m)}\nwrote {os.path.join(out, 'eval.png')}")
         sys.exit(0)
 
-    use_compile = str(compile).lower() in ('true', '1', 'yes') or (compile == 'auto' and dev.startswith('cuda'))
-    fwd = torch.compile(model) if use_compile else model
+    fwd = torch.compile(model) if compile_on(compile, dev) else model
     if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        fwd = DDP(fwd, device_ids=[int(os.environ['LOCAL_RANK'])] if dev.startswith('cuda') else None)
+        fwd = wrap_ddp(fwd, dev)
 
-    # ---- data order. In memory: a fixed permutation per epoch from the seed, so a step number alone
-    # says which images it sees (exact resume), and rank r takes its slice of the global batch (DDP ==
-    # 1 process). Streamed: each rank reads its own shard; the loader's position, saved in the
-    # checkpoint, says which images come next.
-    global_batch = batch_size * world * grad_accum
+    # ---- data order (data/order.py): a step number alone says which images it sees in memory, and
+    # rank r takes its slice of the global batch (DDP == 1 process); streamed, each rank reads its
+    # own shard and the loader's position, saved in the checkpoint, says which images come next.
     if stream:
         batches = loader.batches()
 
@@ -509,27 +438,20 @@ if __name__ == '__main__':
             return (b['image'].to(dev, non_blocking=True).float() / 255,    # (B, 3, H, W) in [0, 1]
                     b['concept_ids'].to(dev), b['concept_valid'].to(dev))   # (B, P, L), (B, P)
     else:
-        N = len(train_img)
-
-        @functools.lru_cache(maxsize=2)
-        def epoch_perm(e):
-            return torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1000 + e))
-
-        def batch_indices(step, micro):
-            idx = step * global_batch + (micro * world + rank) * batch_size + torch.arange(batch_size)
-            epoch, pos = idx // N, idx % N                                  # a batch spans <= 2 epochs
-            out = torch.empty_like(idx)
-            for e in epoch.unique().tolist():
-                out[epoch == e] = epoch_perm(e)[pos[epoch == e]]
-            return out
+        order = DataOrder([len(train_img)], seed=seed)
 
         def next_batch(step, micro):
-            idx = batch_indices(step, micro)
+            idx = order.batch(step, batch_size, world, grad_accum).view(grad_accum, world, batch_size)[micro, rank]
             return (train_img[idx].to(dev).permute(0, 3, 1, 2).float() / 255,  # (B, 3, H, W) in [0, 1]
                     train_ids[idx].to(dev), train_valid[idx].to(dev))
 
+    # ---- the training loop; log.jsonl gets a record every log_interval steps and at every eval
+    log = RunLog(os.path.join(out, 'log.jsonl'), keep=(lambda r: r['step'] <= step) if ck is not None else None,
+                 enabled=master)
+    if ck is None:
+        log.write('setup', 0, params=sum(p.numel() for p in model.parameters()), images=n_train, world=world)
     total = lr_decay_iters or max_iters
-    bar = tqdm(total=max_iters, initial=step, disable=not master, desc='train_setok', dynamic_ncols=True)
+    bar = Progress(max_iters, step, 'train_setok', log_interval, enabled=master)
     t0, seen = time.time(), 0
     while step < max_iters:
         lr = lr_at(step, learning_rate, warmup_iters, total, min_lr_ratio)
@@ -544,25 +466,31 @@ if __name__ == '__main__':
         if not torch.isfinite(loss):
             die(f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint is {ckpt_path}: "
                 f"resume from it with a lower learning_rate (init_from=resume learning_rate=...)", code=1)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        seen += global_batch
+        seen += batch_size * world * grad_accum
+        news = {}
         if master and step % log_interval == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{-10 * math.log10(max(stats['mse'].item(), 1e-10)):.1f}",
-                            con=f"{stats['contrast'].item():.3f}", tok=f"{stats['tokens'].item():.1f}",
-                            img_s=f"{seen / (time.time() - t0):.0f}")
-        bar.update(1)
+            rec = log.write('train', step, lr=lr, loss=loss.item(), psnr=-10 * math.log10(max(stats['mse'].item(), 1e-10)),
+                            contrast=stats['contrast'].item(), tokens=stats['tokens'].item(),
+                            img_s=seen / (time.time() - t0))
+            news = dict(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.1f}", con=f"{rec['contrast']:.3f}",
+                        tok=f"{rec['tokens']:.1f}", img_s=f"{rec['img_s']:.0f}")
+        bar.update(step, **news)
         if step % eval_interval == 0 or step == max_iters:
             if master:
                 save(step)
                 m = evaluate(model, sp, val, concept_vocab, config, ctx, dev, os.path.join(out, 'eval.png'))
-                tqdm.write(f"step {step} | {fmt(m)} | {time.time() - t0:.0f}s")
+                log.write('eval', step, **m)
+                plot_curves(log.records(), os.path.join(out, 'curves.png'),
+                            ['loss', 'psnr', 'contrast', 'tokens', 'miou', 'spearman', 'retrieval'])
+                bar.write(f"step {step} | {fmt(m)} | {time.time() - t0:.0f}s")
             if ddp:
                 torch.distributed.barrier()
     bar.close()
     if master:
-        print(f"done: {ckpt_path}, panel {os.path.join(out, 'eval.png')}")
+        print(f"done: {ckpt_path}, panel {os.path.join(out, 'eval.png')}, curves {os.path.join(out, 'curves.png')}")
     if ddp:
         torch.distributed.destroy_process_group()

@@ -2,8 +2,10 @@
 SETOKIM's data (train_setokim.py): SeTok's tokens of every image, cached once; a world's
 conversations tokenised once into Packed arrays (setokim.pack); and, for converted real worlds
 (data_dirs), conversations streamed with their images, tokenised by SeTok inside the training step.
+Nothing here imports a model: the caller hands in `tokenize` (images -> SeTok's tokens in reading
+order, setokim.setok_tokens with the frozen SeTok bound to it).
 
-    cache, path = token_cache(setok, setok_path, overrides, world_dir, dev, ctx, master, ddp, batch_size)
+    cache, path = token_cache(tokenize, setok_path, overrides, world_dir, dev, master, ddp, batch_size)
     train = conversations(world_dir, 'train', tok, cache['train'], vis_id)    # {'P', 'convs', 'task', ...}
     bank = make_bank(cache['train'])                                          # setokim.Bank: rows of tokens
 
@@ -16,6 +18,7 @@ import hashlib
 import itertools
 import json
 import os
+import sys
 import time
 from collections import Counter
 
@@ -24,10 +27,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import die
-from data.loader import (ImageError, WorldDataset, _load_with_map, line_tasks, load_image, load_instruct, load_png,
-                         load_split)
-from setokim import Bank, TextTokenizer, encode_conversation, pack, reading_order
+from common import as_list, atomic_save, die
+from data.batch import Bank, collate, encode_conversation, loss_counts, pack
+from data.order import DataOrder
+from data.stream import StreamingLoader, WorldDataset, line_tasks
+from data.text import TextTokenizer
+from data.shapes.prepare import mean_background
+from data.world import ImageError, load_image, load_image_with_map, load_instruct, load_png, load_split, read_jsonl
 
 TASKS = ('caption', 'vqa', 'refer', 't2i', 'edit')
 KINDS = ('count', 'attribute', 'existence', 'relation')   # the VQA question kinds
@@ -51,18 +57,8 @@ def cache_file(setok_path, overrides, world_dir):
 
 
 @torch.no_grad()
-def setok_rows(setok, img, ctx):
-    """SeTok on images (b, 3, H, W) in [0, 1] -> on the CPU: their real tokens in reading order, image
-    after image (sum of counts, D) float, the token count of each (b,), patch labels (b, N) int16."""
-    with ctx:
-        t, m, lab = setok(img)                                              # (b,K,D), (b,K), (b,N)
-    t, m, lab = reading_order(t.float(), m, lab, setok.grid)
-    return t[m].cpu(), m.sum(1).cpu(), lab.short().cpu()
-
-
-@torch.no_grad()
-def build_split_cache(setok, world_dir, split, dev, ctx, batch_size=256):
-    """SeTok on every image of a split (sources, then their edit targets), in reading order."""
+def build_split_cache(tokenize, world_dir, split, dev, batch_size=256):
+    """tokenize (SeTok) on every image of a split (sources, then their edit targets)."""
     data = load_split(world_dir, split)
     recs = data['records']
     edits = np.stack([load_png(world_dir, f"edits/{split}/{r['id']}.png", 'RGB')
@@ -71,7 +67,7 @@ def build_split_cache(setok, world_dir, split, dev, ctx, batch_size=256):
     toks, ntok, labels = [], [], []
     for i in tqdm(range(0, len(images), batch_size), desc=f'SeTok tokens ({split})', dynamic_ncols=True):
         img = torch.from_numpy(images[i:i + batch_size]).to(dev).permute(0, 3, 1, 2).float() / 255
-        t, n, lab = setok_rows(setok, img, ctx)
+        t, n, lab = tokenize(img)
         toks.append(t.half())                                               # (sum of real tokens, D)
         ntok.append(n)
         labels.append(lab)
@@ -84,15 +80,13 @@ def build_split_cache(setok, world_dir, split, dev, ctx, batch_size=256):
     return out
 
 
-def token_cache(setok, setok_path, overrides, world_dir, dev, ctx, master, ddp, batch_size=256):
+def token_cache(tokenize, setok_path, overrides, world_dir, dev, master, ddp, batch_size=256):
+    """The token cache of a world (built by rank 0 when missing, the others wait) and its path."""
     path = cache_file(setok_path, overrides, world_dir)
     if master and not os.path.isfile(path):
         t0 = time.time()
-        cache = {split: build_split_cache(setok, world_dir, split, dev, ctx, batch_size) for split in ('train', 'test')}
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f'{path}.{os.getpid()}.tmp'
-        torch.save(cache, tmp)
-        os.replace(tmp, path)                                               # atomic
+        cache = {split: build_split_cache(tokenize, world_dir, split, dev, batch_size) for split in ('train', 'test')}
+        atomic_save(cache, path)
         prefix = os.path.basename(path).rsplit('-', 1)[0] + '-'
         for f in os.listdir(os.path.dirname(path)):                         # older caches of this name+tokenizer
             if f.startswith(prefix) and f.endswith('.pt') and f != os.path.basename(path):
@@ -100,7 +94,7 @@ def token_cache(setok, setok_path, overrides, world_dir, dev, ctx, master, ddp, 
         print(f"SeTok tokens of {sum(len(c['ntok']) for c in cache.values())} images in {time.time() - t0:.0f}s -> {path}")
     if ddp:
         torch.distributed.barrier()
-    return torch.load(path, weights_only=False), path
+    return torch.load(path, weights_only=True), path
 
 
 def conversations(world_dir, split, tok, cache, vis_id):
@@ -141,7 +135,6 @@ def answer_prior(train_convs, convs):
 
 def parse_repeat(items):
     """train_setokim's task_repeat (['vqa:2', 'refer:2'], or 'vqa:2,refer:2') -> {'vqa': 2, 'refer': 2}."""
-    from data.loader import as_list
     out = {}
     for it in as_list(items):
         task, _, n = it.partition(':')
@@ -211,7 +204,7 @@ class Conversations(WorldDataset):
             if name == 'source' and rec['task'] == 'refer':
                 if not rec.get('instances'):
                     raise ImageError(f"{where} is a refer conversation without 'instances'")
-                item['source'], item['instances'] = _load_with_map(path, os.path.join(self.dirs[w], rec['instances']),
+                item['source'], item['instances'] = load_image_with_map(path, os.path.join(self.dirs[w], rec['instances']),
                                                                    self.image_size)
             else:
                 item[name] = load_image(path, self.image_size)
@@ -267,3 +260,115 @@ def widen(b, ntok, off, seg_id, max_len):
     bounds = cut.cumsum(0)[:-1].numpy()
     enc = list(zip(*(np.split(c, bounds) for c in cols)))                   # per conversation, for pack()
     return pack(enc, b['src'], b['mask_id'], seg_id), int((length > max_len).sum())
+
+
+# -----------------------------------------------------------------------------
+# training batches of a stage, one object per data source; batches(step) -> (micro-batches of this
+# rank, loss counts). Each loss term is a mean over the GLOBAL batch (its sum on a micro-batch divided
+# by the global count), so the loss is the same whatever the batch is split into. `local_counts` says
+# whether the counts are this rank's own (the training script then sums them over ranks).
+
+class CachedBatches:
+    """In memory: the stage's conversations (rows of a split's Packed arrays) in data/order.py's
+    order, so a step number alone says which conversations it sees (exact resume); rank r takes
+    its slices of the global batch (DDP == 1 process). The counts are the global batch's."""
+    local_counts = False
+
+    def __init__(self, data, rows, batch_size, world, rank, accum, seed, tok, pack_rows):
+        self.data, self.rows, self.tok, self.pack_rows = data, rows, tok, pack_rows
+        self.B, self.world, self.rank, self.accum = batch_size, world, rank, accum
+        self.order = DataOrder([len(rows)], seed=seed)
+
+    def __call__(self, step):
+        rows = self.rows[self.order.batch(step, self.B, self.world, self.accum)]         # (accum * world * B,)
+        mine = rows.view(self.accum, self.world, self.B)[:, self.rank]                   # (accum, B)
+        return ([collate(self.data['P'], self.data['bank'], r, self.tok, pack_rows=self.pack_rows) for r in mine],
+                loss_counts(self.data['P'], rows))
+
+    def state_dict(self):
+        return None                                  # the step is the whole state
+
+
+class StreamedBatches:
+    """Streamed (data_dirs): each rank reads its shard of the stage's conversations; the loader's
+    position (in the checkpoint) says which come next. SeTok (tokenize) runs on all of a micro-batch's
+    images at once, widen() gives each visual slot its image's token count, and collate() pads it
+    as for the token cache. The counts are this rank's; `cut` counts conversations cut at block_size."""
+    local_counts = True
+
+    def __init__(self, loader, tokenize, tok, token_dim, grid, block_size, accum, pack_rows):
+        self.loader, self.tokenize, self.tok, self.pack_rows = loader, tokenize, tok, pack_rows
+        self.token_dim, self.grid, self.block_size, self.accum = token_dim, grid, block_size, accum
+        self.batches, self.cut = loader.batches(), 0
+
+    def to_batch(self, b, dev):
+        """A streamed batch -> (the model's batch, its loss counts (n_ce, n_reg, n_seg), conversations cut)."""
+        toks, ntok, labels = (torch.zeros(0, self.token_dim), torch.zeros(0, dtype=torch.long),
+                              torch.zeros(0, self.grid ** 2, dtype=torch.int16))   # a batch without images
+        if len(b['images']):
+            toks, ntok, labels = self.tokenize(b['images'].to(dev, non_blocking=True).float() / 255)
+        bank = Bank(tokens=toks, off=ntok.cumsum(0) - ntok, ntok=ntok, labels=labels, instances=b['instances'])
+        P, cut = widen(b, ntok, bank.off, self.tok.seg, self.block_size)
+        rows = torch.arange(len(P.length))
+        return collate(P, bank, rows, self.tok, pack_rows=self.pack_rows), loss_counts(P, rows), cut
+
+    def __call__(self, step, dev='cpu'):
+        got = [self.to_batch(next(self.batches), dev) for _ in range(self.accum)]
+        self.cut += sum(c for _, _, c in got)
+        return [b for b, _, _ in got], tuple(sum(n[j] for _, n, _ in got) for j in range(3))
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+
+def conversation_loader(dirs, split, tasks, image_size, text_model, vis_id, batch_size, seed, rank=0, world=1,
+                        weights=None, workers=0, pin_memory=False, warn=False):
+    """A StreamingLoader over the conversations of `tasks` in `split` of `dirs` (this rank's shard); a
+    world without any gets weight 0. None when there is none at all. warn: print one warning line for
+    the conversations of tasks this code does not know."""
+    ds = Conversations(dirs, split, image_size, tasks, text_model, vis_id)
+    if ds.unknown and warn:
+        print(f"warning: skipped {sum(ds.unknown.values())} {split} conversations of tasks this script does not "
+              f"know: {', '.join(f'{t or chr(39) * 2} {n}' for t, n in ds.unknown.most_common())} (it knows "
+              f"{', '.join(STREAM_TASKS)})", file=sys.stderr, flush=True)
+    if not len(ds):
+        return None
+    weights = [w if n else 0.0 for w, n in zip(as_list(weights, float), ds.sizes)] if weights else None
+    return StreamingLoader(None, batch_size=batch_size, weights=weights, rank=rank, world=world, seed=seed,
+                           workers=workers, pin_memory=pin_memory, dataset=ds, collate_fn=collate_conversations)
+
+
+@torch.no_grad()
+def token_stats(dirs, image_size, tokenize, n_images, batch_size, seed, workers, dev):
+    """SeTok's per-channel token mean and std over the first n_images train images of a seeded
+    shuffle of the streamed worlds (every rank sees the same ones), and those images' token counts."""
+    s1 = s2 = 0.0
+    counts = []
+    for b in StreamingLoader(dirs, 'train', image_size, batch_size, seed=seed, workers=workers):
+        t, n, _ = tokenize(b['image'].to(dev).float() / 255)
+        s1, s2 = s1 + t.double().sum(0), s2 + t.double().pow(2).sum(0)
+        counts.append(n)
+        if sum(map(len, counts)) >= n_images:
+            break
+    nt = torch.cat(counts).float()
+    M = nt.sum()
+    mean = s1 / M
+    return mean.float(), ((s2 - M * mean ** 2) / (M - 1)).clamp_min(0).sqrt().float(), nt
+
+
+def load_world(world_dir, tok, cache, vis_id, block_size):
+    """The shapes world in memory for train_setokim.py: the train and test splits' conversations
+    tokenised (Packed arrays) over their token banks, plus what eval needs of the test split (its
+    images, manifest records, the text-only VQA prior) and the train images' mean background (for
+    the caption-only t2i baseline). Dies when a conversation is longer than block_size."""
+    train = conversations(world_dir, 'train', tok, cache['train'], vis_id)
+    test = conversations(world_dir, 'test', tok, cache['test'], vis_id)
+    train['bank'], test['bank'] = make_bank(cache['train']), make_bank(cache['test'])
+    test['images'] = cache['test']['images']
+    test['prior'] = answer_prior(train['convs'], test['convs'])
+    test['records'] = read_jsonl(os.path.join(world_dir, 'test.jsonl'), 'manifest')
+    test['background'] = mean_background(read_jsonl(os.path.join(world_dir, 'train.jsonl'), 'manifest'), test['images'].shape[1])
+    longest = max(int(train['P'].length.max()), int(test['P'].length.max()))
+    if longest > block_size:
+        die(f"the longest conversation has {longest} tokens, more than block_size={block_size}; raise block_size")
+    return train, test, longest

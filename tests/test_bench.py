@@ -1,13 +1,14 @@
 """bench.py at tiny shapes: the table parses, the batched and looped tokenizations agree, the
-timing of a script's progress bar and the peak-memory reading are right."""
+step rate read from a run's log.jsonl and the peak-memory reading are right, a failed run says why."""
 import importlib
 import re
 import sys
+import time
 
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 def parse_table(stdout):
@@ -20,7 +21,7 @@ def parse_table(stdout):
 
 
 def test_tiny_bench_table_and_agreement():
-    r = run_script('bench.py', 'rows=tokenize,ratio', 'shapes=tiny', 'ratio_shape=tiny', 'repeats=2', 'batch_size=6',
+    r = run_script('bench.py', 'rows=tokenize,ratio', 'shapes=tiny', 'ratio_shape=tiny', 'repeats=2', 'tokenize_batch=6',
                    'ref_images=3', 'threads=1', 'compile=False')
     assert f'torch {torch.__version__}' in r.stdout and 'cores' in r.stdout   # the machine is named
     head, rows = parse_table(r.stdout)
@@ -38,8 +39,11 @@ def test_tiny_bench_table_and_agreement():
 
 
 def test_bad_settings_are_one_line_errors():
-    for arg, says in [('rows=tokenize,speed', 'unknown speed'), ('repeats=many', 'expected an int')]:
-        r = run_script('bench.py', arg, check=False)
+    for args, says in [(['rows=tokenize,speed'], 'unknown speed'), (['repeats=many'], 'expected an int'),
+                       (['rows=ratio,smoke', 'tokenizer=blocks'], 'expected setok, grid or patch'),
+                       (['rows=ratio,smoke', 'init_from=pretrained/gpt2'], 'add text_tokenizer=gpt2'),
+                       (['rows=ratio,smoke', 'vit_init=pretrained/missing'], 'no such folder')]:
+        r = run_script('bench.py', *args, check=False)                 # the smoke settings fail before any row runs
         assert r.returncode == 2 and says in r.stderr and 'Traceback' not in r.stderr
 
 
@@ -65,24 +69,74 @@ def test_agreement_catches_a_wrong_token_or_label(bench):
     assert not bench.agreement((tokens, moved, num), ref)[0]
 
 
+# A stand-in for a training script: it holds ~300 MB and writes a RunLog (common.py) as train_setok.py
+# does with log_interval=1: a setup record, then one train record per step, the final one after an eval.
 FAKE = """
 import sys, time, numpy as np
-from tqdm import tqdm
+sys.path.insert(0, {root!r})
+from common import RunLog
 hold = np.ones(300 * 2 ** 20 // 8)                          # ~300 MB resident
-bar = tqdm(total=12, desc='train_setok')
-for i in range(12):
-    time.sleep(0.5 if i < 2 else 0.125)                     # two slow warm-up steps, then 8 steps/s
-    bar.update(1)
-bar.close()
+log = RunLog(sys.argv[1])
+log.write('setup', 0, params=1000)
+for step in range(1, 13):
+    time.sleep(0.5 if step <= 2 else 0.125)                 # two slow warm-up steps, then 8 steps/s
+    if step == 12:
+        time.sleep(1.0)                                     # the final eval, before the last step's record
+    log.write('train', step, loss=1.0 / step, tokens=3.0)
+print('done')
 """
 
 
-def test_progress_bar_timing_and_peak_memory(bench, tmp_path):
-    script = tmp_path / 'fake_train.py'
-    script.write_text(FAKE)
-    r = bench.run_timed([sys.executable, str(script)], 'train_setok')
-    assert r['rc'] == 0 and set(r['steps']) >= {0, 2, 12}
-    rate = bench.steps_per_s(r, 2, 12)                       # from step 2 to the last shown before 12
+def test_step_rate_from_the_log_and_peak_memory(bench, tmp_path):
+    script, path = tmp_path / 'fake_train.py', tmp_path / 'run' / 'log.jsonl'
+    script.write_text(FAKE.format(root=ROOT))
+    r = bench.run([sys.executable, str(script), str(path)])
+    assert r['rc'] == 0 and r['text'].strip() == 'done'
+    records = bench.read_log(str(path), 'fake')
+    assert [n for n, _ in bench.train_records(records)] == list(range(1, 13))
+    rate = bench.steps_per_s(records, 2, 12)                 # from step 2 to 11: the last record before 12
     assert 6 < rate < 8.1, rate
-    assert bench.steps_per_s(r, 0, 12) < rate                # the warm-up steps are slower
+    assert bench.steps_per_s(records, 0, 13) < 0.8 * rate    # with the warm-up steps and the final eval: slower
+    with pytest.raises(bench.RunFailed, match='too few'):
+        bench.steps_per_s(records, 11, 12)                   # one record to time from
     assert 300 * 2 ** 20 < r['maxrss'] < 2 ** 30
+
+
+def test_stage_records_and_llm_tokens_per_step(bench, tmp_path):
+    """train_setokim.py's log: each stage's train records alone, LLM tokens per step = llm_tokens / step."""
+    log, t = bench.RunLog(str(tmp_path / 'log.jsonl')), 0.0
+    log.write('setup', 0, params=2000, gpt_params=1500)
+    for stage, dt, per_step in ((1, 0.5, 100), (2, 0.1, 300)):           # stage 1: 2 steps/s, stage 2: 10 steps/s
+        for step in range(1, 9):
+            t += dt
+            log.t0 = time.time() - t                                     # the record's time is t (known)
+            log.write('train', step, stage=stage, llm_tokens=per_step * step)
+        log.write('eval', 8, stage=stage, test_ce=1.0)
+    records = bench.read_log(str(tmp_path / 'log.jsonl'), 'fake')
+    assert bench.steps_per_s(records, 2, 9, stage=1) == pytest.approx(2.0, rel=0.01)
+    assert bench.steps_per_s(records, 2, 9, stage=2) == pytest.approx(10.0, rel=0.01)
+    assert bench.llm_tokens_per_step(records, 1) == 100 and bench.llm_tokens_per_step(records, 2) == 300
+
+
+def test_a_failed_run_says_what_failed(bench, tmp_path):
+    script = tmp_path / 'broken.py'
+    script.write_text("print('loading')\nraise SystemExit('error: no world here')\n")
+    r = bench.run([sys.executable, str(script)])
+    with pytest.raises(bench.RunFailed, match=r'broken.py exited 1: error: no world here'):
+        bench.check_run(r, 'broken.py')
+    with pytest.raises(bench.RunFailed, match='wrote no train records'):
+        bench.read_log(str(tmp_path / 'missing.jsonl'), 'broken.py')
+
+
+def test_the_training_scripts_are_timed_from_their_own_logs(bench, tmp_path, monkeypatch):
+    """The real scripts, a few steps each at config=small on a small world: bench finds their log.jsonl
+    (train_setok.py: out_dir; train_setokim.py: out_dir/run_name) and the records it needs in it."""
+    monkeypatch.setattr(bench, 'bench_dir', str(tmp_path))
+    r, ckpt = bench.setok_run('small', 'cpu', 'False', 3, 1, 4, 1, 'test')               # steps 1..3 timed, 5 run
+    assert [n for n, _ in bench.train_records(r['log'])] == [1, 2, 3, 4, 5]
+    assert bench.steps_per_s(r['log'], 1, 5) > 0 and r['maxrss'] > 0
+    r = bench.setokim_run('small', 'cpu', 'False', 3, 1, 1, ckpt, 'test')
+    assert [n for n, _ in bench.train_records(r['log'], stage=1)] == [1, 2, 3, 4, 5]
+    assert bench.steps_per_s(r['log'], 1, 5, stage=1) > 0
+    assert bench.llm_tokens_per_step(r['log'], 1) > 32 * 10                              # 32 conversations a step
+    assert any(rec['kind'] == 'setup' and rec['gpt_params'] > 0 for rec in r['log'])    # what MFU reads

@@ -21,7 +21,8 @@ sys.path.insert(0, REPO)
 from conftest import run_script  # noqa: E402
 from data.captions import prepare as captions  # noqa: E402
 from data.editing import prepare as editing  # noqa: E402
-from data.loader import StreamingLoader, _read_jsonl  # noqa: E402
+from data.stream import StreamingLoader  # noqa: E402
+from data.world import read_jsonl  # noqa: E402
 from data.refcoco import prepare as refcoco  # noqa: E402
 
 SPECIAL = ('[Img]', '[/Img]', '[SEG]', '[USER]', '[ASSISTANT]')
@@ -34,8 +35,8 @@ def save(path, size, colour=(200, 30, 30)):
 
 
 def world(d, split):
-    return _read_jsonl(os.path.join(d, f'{split}.jsonl'), 'manifest'), \
-        _read_jsonl(os.path.join(d, f'{split}_instruct.jsonl'), 'instructions')
+    return read_jsonl(os.path.join(d, f'{split}.jsonl'), 'manifest'), \
+        read_jsonl(os.path.join(d, f'{split}_instruct.jsonl'), 'instructions')
 
 
 def meta(d):

@@ -1,5 +1,5 @@
 """
-The streaming loader of data/loader.py on tiny worlds written here: every image is one flat colour
+The streaming loader of data/stream.py on tiny worlds written here: every image is one flat colour
 that encodes its index, so each sample says which image it really is. Checked: 2 DataLoader workers
 give the sampler's order; a resume mid-epoch gives exactly the remaining samples; 2 ranks' shards are
 disjoint and cover the epoch; corrupt images are replaced by the next readable one, counted and
@@ -18,7 +18,9 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from data.loader import ShardSampler, StreamingLoader, as_list  # noqa: E402
+from common import as_list  # noqa: E402
+from data.order import ShardSampler  # noqa: E402
+from data.stream import StreamingLoader  # noqa: E402
 
 BAD = (5, 11)       # a truncated PNG and a text file named .png
 
@@ -106,8 +108,8 @@ def test_weighted_mixture(tmp_path):
     loader = StreamingLoader([a, b], 'train', image_size=8, batch_size=4, weights='[0.7, 0.3]', workers=0,
                              epoch_size=3000, seed=9)
     s = loader.sampler
-    o0, o1 = s.order(0), s.order(1)
-    assert len(o0) == 3000 and np.array_equal(o0, ShardSampler([24, 6], [0.7, 0.3], seed=9, epoch_size=3000).order(0))
+    o0, o1 = s.order.epoch(0), s.order.epoch(1)
+    assert len(o0) == 3000 and np.array_equal(o0, ShardSampler([24, 6], [0.7, 0.3], seed=9, epoch_size=3000).order.epoch(0))
     assert not np.array_equal(o0, o1)
     share = (o0 >= 24).mean()
     assert abs(share - 0.3) < 0.03, share

@@ -1,8 +1,8 @@
 """Pretrained parts from local files: tiktoken's GPT-2 BPE (never downloaded: a clear error instead),
 GPT-2 weights into setokim's GPT, CLIP / SigLIP vision weights into setok's ViT, a frozen encoder,
-and the smoke mode of both training scripts. Every checkpoint here is written by the test in the
-Hugging Face layout (random values), and every loaded model is held to an independent numpy
-forward written from the raw Hugging Face tensors."""
+and bench.py's smoke row (both models at a preset's shapes, built with those weights). Every
+checkpoint here is written by the test in the Hugging Face layout (random values), and every loaded
+model is held to an independent numpy forward written from the raw Hugging Face tensors."""
 import json
 import math
 import os
@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import run_script
-from pretrained import GPT2_BPE_FILES, gpt2_shape, load_gpt2, load_vit, pretrained_config, pretrained_weights, vit_shape
+from data.text import GPT2_BPE_FILES, TextTokenizer
+from pretrained import gpt2_shape, load_gpt2, load_vit, pretrained_config, pretrained_weights, vit_shape
 from setok import ViT
-from setokim import GPT, GPTConfig, TextTokenizer
+from setokim import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # helpers: writing Hugging Face folders, numpy reference forwards
@@ -341,7 +342,7 @@ def test_frozen_encoder_stays_in_eval_mode_and_out_of_autograd():
 
 
 # -----------------------------------------------------------------------------
-# the training scripts: vit_init + freeze_encoder, init_from=<GPT-2 folder>, smoke=True
+# the training scripts: vit_init + freeze_encoder; bench.py rows=smoke: vit_init, init_from=<GPT-2 folder>
 
 TINY = ['image_size=32', 'token_dim=32', 'intra_depth=1', 'inter_depth=1', 'max_tokens=6', 'cluster_threshold=0.5',
         'dec_sprite_size=8', 'dec_dim=32', 'text_dim=32', 'text_depth=1', 'eval_images=8',
@@ -381,36 +382,43 @@ def test_train_setok_with_a_frozen_pretrained_clip_encoder(world, tmp_path):
     assert r.returncode == 2 and "vit_style='clip'" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
-def test_train_setok_smoke_on_the_full_preset_shrunk_with_a_frozen_siglip(tmp_path):
+def test_bench_smoke_setok_on_the_full_preset_shrunk_with_a_frozen_siglip(tmp_path):
     C, I = 32, 48
     cfg, sd = tiny_vision('siglip', C=C, L=1, H=4, I=I, p=16, image=64)   # 4 x 4 grid, resized to our 8 x 8
     folder = write_hf(tmp_path / 'siglip', cfg, sd)
-    r = run_script('train_setok.py', 'config=full', 'smoke=True', 'threads=1', 'image_size=128', 'token_dim=32',
-                   'dec_dim=16', 'text_dim=32', 'text_depth=1', 'max_tokens=8', f'vit_init={folder}',
-                   'freeze_encoder=True')
+    r = run_script('bench.py', 'rows=smoke', 'scripts=setok', 'config=full', 'threads=1', 'image_size=128', 'token_dim=32',
+                   'dec_dim=16', 'text_dim=32', 'text_depth=1', 'max_tokens=8', f'vit_init={folder}', 'freeze_encoder=True')
     assert 'vit_style=siglip' in r.stdout and 'encoder siglip, frozen' in r.stdout
     # the encoder's parameters, counted independently: patches (weight + bias), learned positions (8 x 8),
     # one block (2 LayerNorms, q + bias, kv, proj + bias, MLP C -> I -> C with biases), post_layernorm
     enc = (3 * 16 * 16 * C + C) + 64 * C + (4 * C + C * C + C + 2 * C * C + C * C + C + C * I + I + I * C + C) + 2 * C
     assert f'encoder {enc / 1e6:.2f}M' in r.stdout, r.stdout
     total, trainable = map(float, re.search(r'total ([\d.]+)M, trainable ([\d.]+)M', r.stdout).groups())
-    assert abs(total - trainable - enc / 1e6) < 0.006
-    m = re.search(r'smoke: one optimizer step on 1 random 128px image .* loss ([\d.]+)', r.stdout)
-    assert m and math.isfinite(float(m.group(1))), r.stdout
+    assert abs(total - trainable - enc / 1e6) < 0.006                 # the frozen encoder is all that is not trained
+    m = re.search(r'\| smoke SeTok: one optimizer step \| ([\d.]+) s \|.*\| 1 random 128px image '
+                  r'\(([\d.]+) tokens each\): loss ([\d.]+)', r.stdout)
+    assert m and float(m.group(1)) > 0 and 1 <= float(m.group(2)) <= 8 and math.isfinite(float(m.group(3))), r.stdout
+    assert 'SETOKIM' not in r.stdout                                   # scripts=setok: that model alone
 
 
-def test_train_setokim_smoke_from_a_gpt2_folder(tmp_path):
+def test_bench_smoke_setokim_from_a_gpt2_folder(tmp_path):
     cfg, sd = tiny_gpt2(V=300, P=64, C=32, L=2, H=4)
     folder = write_hf(tmp_path / 'gpt2', cfg, sd)
-    small = ['config=full', 'smoke=True', 'threads=1', 'mask_dim=16', 'mask_depth=1', 'mask_n_head=2', 'block_size=256']
-    r = run_script('train_setokim.py', *small, f'init_from={folder}', 'text_tokenizer=gpt2')
+    small = ['rows=smoke', 'scripts=setokim', 'config=full', 'threads=1', 'mask_dim=16', 'mask_depth=1', 'mask_n_head=2',
+             'block_size=256']
+    r = run_script('bench.py', *small, f'init_from={folder}', 'text_tokenizer=gpt2')
     assert f'GPT-2 weights from {folder}; positions 64..255 start random' in r.stdout
     # the GPT takes GPT-2's shape (2 x 32) and GPT-2's vocabulary + 7 rows; counted here independently
     C, V = 32, 50257 + 7
     gpt = V * C + 256 * C + 2 * (4 * C + (C * C + C) + 2 * C * C + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)) + 2 * C
     assert f'GPT {gpt / 1e6:.2f}M' in r.stdout, r.stdout
-    for s, n in ((1, 2), (2, 5)):
-        m = re.search(rf'smoke stage {s} .* on {n} random conversations .*\(64 per image; (\d+) text, (\d+) visual and '
-                      rf'(\d+) mask targets\): loss ([\d.]+)', r.stdout)
-        assert m and math.isfinite(float(m.group(4))), r.stdout
-        assert int(m.group(1)) > 0 and int(m.group(2)) > 0 and int(m.group(3)) == (s == 2)
+    # one step of each stage, one conversation per task; config=full's SeTok: 64 tokens per image, and
+    # each written image (t2i in stage 1, t2i and edit in stage 2) is 64 visual targets
+    for s, n, written in ((1, 2, 1), (2, 5, 2)):
+        m = re.search(rf'\| smoke SETOKIM stage {s} \([a-z0-9, ]+\): one optimizer step \| ([\d.]+) s \|.*\| {n} random '
+                      rf'conversations of up to (\d+) tokens \(64 per image; (\d+) text, (\d+) visual and (\d+) mask '
+                      rf'targets\): loss ([\d.]+)', r.stdout)
+        assert m and math.isfinite(float(m.group(6))), r.stdout
+        assert int(m.group(2)) <= 256 and int(m.group(3)) > 0 and int(m.group(4)) == 64 * written
+        assert int(m.group(5)) == (s == 2)                                # stage 2's refer conversation: one mask
+    assert 'smoke SeTok' not in r.stdout                                  # scripts=setokim: that model alone

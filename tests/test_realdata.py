@@ -116,9 +116,10 @@ def worlds(tmp_path_factory):
 # -----------------------------------------------------------------------------
 # train_setok.py
 
-def losses(r, key='loss'):
-    text = r.stderr.replace('\r', '\n')
-    return [float(line.split(f'{key}=')[1].split(',')[0].rstrip(']')) for line in text.splitlines() if f'{key}=' in line]
+def losses(log_path, key='loss'):
+    """The `key` of every train record of a run's log.jsonl."""
+    with open(log_path) as f:
+        return [r[key] for r in map(json.loads, f) if r['kind'] == 'train']
 
 
 def setok_run(worlds, out, *args, check=True):
@@ -135,7 +136,7 @@ def setok_ckpt(worlds, tmp_path_factory):
     """6 steps of SeTok on captions + RefCOCO, streamed (one worker), in one go."""
     out = tmp_path_factory.mktemp('setok')
     r = setok_run(worlds, out, 'max_iters=6', 'num_workers=1', 'data_weights=0.5,0.5')
-    ls = losses(r)
+    ls = losses(os.path.join(out, 'log.jsonl'))
     assert len(ls) >= 6 and all(np.isfinite(ls)) and ls[-1] < ls[0], ls                # a postfix per step (or two)
     assert '17 train images in 2 streamed world(s)' in r.stdout, r.stdout       # 12 captions + 5 RefCOCO
     assert 'eval: 5 val images of 2 world(s), without instance maps' in r.stdout   # the caption images have none
@@ -170,7 +171,8 @@ def test_widen_gives_the_token_cache_layout(worlds):
     """A streamed batch, its slots widened once SeTok's counts are known, packs exactly as the same
     conversations encoded with their real counts up front (the token cache's way)."""
     from data.conversations import collate_conversations, widen
-    from setokim import TextTokenizer, encode_conversation, pack
+    from data.batch import encode_conversation, pack
+    from data.text import TextTokenizer
     tok = TextTokenizer(os.path.join(worlds['captions'], 'tokenizer.model'))
     turns = [[{'from': 'human', 'value': '<image>\nWhat colour?'}, {'from': 'gpt', 'value': 'red'},
               {'from': 'human', 'value': 'More?'}, {'from': 'gpt', 'value': 'a red box on a blue background'}],
@@ -218,7 +220,7 @@ def test_setokim_streams_every_task_and_resumes_exactly(worlds, setok_ckpt):
     assert 'SeTok tokens made on the fly' in r.stdout and 'setokim_cache' not in r.stdout
     for s in (1, 2):                                                             # 2 + 4 logged steps, finite
         assert f'stage {s} step {2 * s}' in r.stdout + r.stderr
-    ce = losses(r, 'ce')
+    ce = losses(os.path.join(setok_ckpt, 'straight', 'log.jsonl'), 'ce')
     assert len(ce) >= 6 and all(np.isfinite(ce)) and ce[-1] < ce[0], ce
     ev = json.load(open(os.path.join(setok_ckpt, 'straight', 'eval.json')))
     assert ev['stage'] == 2 and ev['split'] == 'val' and np.isfinite(ev['test_ce']) and np.isfinite(ev['test_reg'])

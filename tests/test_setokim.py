@@ -11,8 +11,9 @@ import torch.nn as nn
 
 from conftest import run_script
 
-from setokim import (SETOKIM, Bank, GPTConfig, MaskDecoder, TextTokenizer, collate, encode_conversation,
-                     loss_counts, mask_loss, pack, reading_order, tokens_to_patches, visual_tokens)
+from data.batch import Bank, collate, encode_conversation, loss_counts, pack
+from data.text import TextTokenizer
+from setokim import SETOKIM, GPTConfig, MaskDecoder, mask_loss, reading_order, tokens_to_patches, visual_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SETOK = ['image_size=32', 'patch_size=4', 'dim=32', 'depth=1', 'n_head=4', 'token_dim=32', 'intra_depth=1',
@@ -103,7 +104,7 @@ def test_visual_tokens_land_exactly_between_img_markers(tok):
     bank = tiny_bank()
     cfg = tiny_cfg(tok)
     P = packed(tok, bank, cfg.vis_id)
-    b = collate(P, bank, torch.arange(len(CONVS)), cfg)
+    b = collate(P, bank, torch.arange(len(CONVS)), tok)
     model = SETOKIM(cfg)
     model.tok_mean.normal_()
     model.tok_std.uniform_(0.5, 2)
@@ -137,7 +138,7 @@ def test_loss_masks_cover_only_answers(tok):
     cfg = tiny_cfg(tok)
     P = packed(tok, bank, cfg.vis_id)
     rows = torch.tensor([0, 1, 2, 3, 4])
-    b = collate(P, bank, rows, cfg)
+    b = collate(P, bank, rows, tok)
     for i, (turns, src, tgt, _) in enumerate(CONVS):
         idx, targets = b['idx'][i], b['targets'][i]
         a = (idx == tok.assistant).nonzero()[0, 0].item()
@@ -175,7 +176,7 @@ def test_packed_rows_compute_exactly_what_one_conversation_per_row_does(tok):
              {'from': 'gpt', 'value': 'a small red circle at the top, a large blue square at the bottom left'}], 1, None, 0)
     P = packed(tok, bank, cfg.vis_id, CONVS * 3 + [long])                 # 16 conversations, three [SEG] among them
     rows = torch.tensor([3, 0, 4, 15, 9, 1, 14, 2, 8, 13, 5])
-    plain, pk = collate(P, bank, rows, cfg), collate(P, bank, rows, cfg, pack_rows=True)
+    plain, pk = collate(P, bank, rows, tok), collate(P, bank, rows, tok, pack_rows=True)
     assert len(pk['idx']) < len(plain['idx']) and pk['idx'].shape[1] == plain['idx'].shape[1]
     assert int(pk['real'].sum()) == int(plain['real'].sum()) == int(P.length[rows].sum())
     assert len(pk['seg_rows']) == len(plain['seg_rows']) == 3
@@ -205,7 +206,7 @@ def test_every_parameter_gets_a_gradient_even_without_seg_or_images(tok):
     bank, cfg = tiny_bank(), tiny_cfg(tok)
     P = packed(tok, bank, cfg.vis_id)
     model = SETOKIM(cfg)
-    loss, st = model(collate(P, bank, torch.tensor([4]), cfg))           # a VQA sample: no [SEG], no output image
+    loss, st = model(collate(P, bank, torch.tensor([4]), tok))           # a VQA sample: no [SEG], no output image
     assert st['n_seg'] == 0 and st['n_reg'] == 0
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -232,7 +233,7 @@ def prompts(tok, bank, cfg, rows):
     P = packed(tok, bank, cfg.vis_id)
     rows = torch.as_tensor(rows)
     extra = torch.tensor([int(CONVS[r][0][1]['value'] == '<image>') for r in rows.tolist()])
-    return collate(P, bank, rows, cfg, prompt_extra=extra)                # t2i / edit prompts end in [Img]
+    return collate(P, bank, rows, tok, prompt_extra=extra)                # t2i / edit prompts end in [Img]
 
 
 def test_generation_stops_at_img_end_and_caps_the_image(tok):
@@ -289,7 +290,7 @@ def test_a_trained_model_writes_its_image_and_stops(tok):
     P = packed(tok, bank, cfg.vis_id)
     model = SETOKIM(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    b = collate(P, bank, torch.tensor([1, 4]), cfg)
+    b = collate(P, bank, torch.tensor([1, 4]), tok)
     for _ in range(100):
         loss, _ = model(b)
         opt.zero_grad()
@@ -436,7 +437,7 @@ def test_resume_is_bit_identical(world, setok_dir, straight):
     for k in straight:
         assert torch.equal(straight[k], b[k]), k
     # the checkpoint holds what sample.py needs to rebuild everything
-    from setokim import load_setokim
+    from checkpoint import load_setokim
     model, tk, setok, detok, ck = load_setokim(os.path.join(setok_dir, 'straight', 'stage2.pt'))
     assert ck['step'] == 4 and ck['setok_overrides'] == {'tokenizer': 'setok'} and tk.vocab_size + 1 == model.cfg.vocab_size
     # the SeTok checkpoint is found relative to the SETOKIM one, so the out folder can move as a whole

@@ -1,5 +1,5 @@
 """
-Tests of the shapes world (data/shapes/prepare.py) and its loaders (data/loader.py).
+Tests of the shapes world (data/shapes/prepare.py) and its reader (data/world.py).
 
 The ground truth is checked independently of the generator's bookkeeping wherever possible: object
 attributes, boxes, gaps and positions are recomputed from the written PNGs, and every answer,
@@ -20,7 +20,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from data import loader  # noqa: E402
+from data import world as loader  # noqa: E402
 from data.shapes import prepare as P  # noqa: E402
 
 TINY = dict(n_train=12, n_val=4, n_test=4)

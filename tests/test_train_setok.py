@@ -1,5 +1,7 @@
 """train_setok.py on real (tiny) runs: the loss falls, resume is exact, 2-process DDP == 1 process,
-a non-finite loss stops the run and keeps the last good checkpoint, eval writes its panel."""
+a non-finite loss stops the run and keeps the last good checkpoint, eval writes its panel, and every
+run writes log.jsonl and curves.png."""
+import json
 import os
 
 import pytest
@@ -29,12 +31,22 @@ def params(out):
     return torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['model']
 
 
+def log(out):
+    with open(os.path.join(out, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
 def test_a_few_steps_lower_the_loss(world, tmp_path):
     r = run(world, tmp_path / 'a', 'max_iters=30', 'eval_interval=30', 'batch_size=8')
-    losses = [float(l.split('loss=')[1].split(',')[0].rstrip(']')) for l in r.stderr.replace('\r', '\n').splitlines() if 'loss=' in l]
-    assert losses[-1] < 0.8 * losses[0], losses
-    assert os.path.exists(tmp_path / 'a' / 'eval.png')
-    assert 'mean best IoU' in r.stdout + r.stderr
+    recs = log(tmp_path / 'a')
+    train = [x for x in recs if x['kind'] == 'train']
+    assert [x['step'] for x in train] == list(range(1, 31))
+    assert train[-1]['loss'] < 0.8 * train[0]['loss'], train
+    assert [x['kind'] for x in recs][-1] == 'eval' and recs[-1]['step'] == 30 and 'miou' in recs[-1]
+    assert os.path.exists(tmp_path / 'a' / 'eval.png') and os.path.exists(tmp_path / 'a' / 'curves.png')
+    assert 'mean best IoU' in r.stdout
+    # piped output: a plain line every log_interval steps, no progress bar redrawn at every step
+    assert r.stdout.count('train_setok ') == 30 and '\r' not in r.stdout + r.stderr
 
 
 def test_resume_is_bit_identical(world, tmp_path):
@@ -45,6 +57,9 @@ def test_resume_is_bit_identical(world, tmp_path):
     a, b = params(tmp_path / 'straight'), params(tmp_path / 'split')
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the resumed run's log reads as one straight run: the same steps and losses
+    strip = lambda recs: [(x['kind'], x['step'], x.get('loss')) for x in recs if x['kind'] != 'setup']
+    assert strip(log(tmp_path / 'straight')) == strip(log(tmp_path / 'split'))
 
 
 def test_ddp_two_processes_match_one(world, tmp_path):

@@ -1,6 +1,6 @@
 """
 Image-caption pairs (CC3M / CC12M as downloaded, COCO captions) -> a world in the format of
-data/shapes/prepare.py; what real-data worlds add or leave out is listed in data/loader.py.
+data/shapes/prepare.py; what real-data worlds add or leave out is listed in data/world.py.
 
     python data/captions/prepare.py train=cc3m/Train_GCC-training.tsv val=cc3m/Validation_GCC-1.1.0-Validation.tsv \\
         images=cc3m/images data_dir=data/cc3m/world
@@ -39,8 +39,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 from common import configure, die  # noqa: E402
-from data.loader import (IMAGE_EXTS, Skips, WorldWriter, _iter_jsonl, converter_settings, image_sizes,  # noqa: E402
-                         load_json, split_sources)
+from data.world import IMAGE_EXTS, Skips, iter_jsonl  # noqa: E402
+from data.writer import WorldWriter, converter_settings, image_sizes, load_json, split_sources  # noqa: E402
 from data.shapes.prepare import gpt, human  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def read_tsv(path):
 def read_jsonl(path):
     """[(image name or URL, caption)] of a JSONL file of {image: ..., caption: ...} objects."""
     pairs = []
-    for k, r in _iter_jsonl(path, 'caption file', fix='pass a JSONL file with one object per line'):
+    for k, r in iter_jsonl(path, 'caption file', fix='pass a JSONL file with one object per line'):
         img = next((r[key] for key in IMAGE_KEYS if isinstance(r, dict) and isinstance(r.get(key), str)), None)
         cap = next((r[key] for key in CAPTION_KEYS if isinstance(r, dict) and isinstance(r.get(key), str)), None)
         if img is None or cap is None:

@@ -1,7 +1,7 @@
 """
 Image-editing triplets (source image, instruction, target image) from InstructPix2Pix or MagicBrush, as
 they are distributed -> a world in the format of data/shapes/prepare.py; what real-data worlds add
-or leave out is listed in data/loader.py.
+or leave out is listed in data/world.py.
 
     python data/editing/prepare.py src=instruct-pix2pix/data/clip-filtered-dataset data_dir=data/ip2p/world
     python data/editing/prepare.py src=MagicBrush data_dir=data/magicbrush/world     # train/, dev/, test/ inside
@@ -37,7 +37,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 from common import configure, die  # noqa: E402
-from data.loader import Skips, WorldWriter, converter_settings, image_sizes, load_json, source_path  # noqa: E402
+from data.world import Skips  # noqa: E402
+from data.writer import WorldWriter, converter_settings, image_sizes, load_json, source_path  # noqa: E402
 from data.shapes.prepare import gpt, human  # noqa: E402
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """
 LLaVA instruction data (LLaVA-Instruct-150K, llava_v1_5_mix665k, ...) -> a world in the format of
-data/shapes/prepare.py; what real-data worlds add or leave out is listed in data/loader.py.
+data/shapes/prepare.py; what real-data worlds add or leave out is listed in data/world.py.
 
     python data/llava/prepare.py train=LLaVA-Instruct-150K/llava_instruct_150k.json images=coco/train2017 \\
         data_dir=data/llava/world
@@ -25,7 +25,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 from common import configure, die  # noqa: E402
-from data.loader import Skips, WorldWriter, converter_settings, image_sizes, load_json, split_sources  # noqa: E402
+from data.world import Skips  # noqa: E402
+from data.writer import WorldWriter, converter_settings, image_sizes, load_json, split_sources  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # settings

@@ -1,7 +1,7 @@
 """
 RefCOCO / RefCOCO+ / RefCOCOg (as the refer toolkit downloads them) -> a world in the format of
 data/shapes/prepare.py, whose referring data trains with the same code as the shapes world's; what
-real-data worlds add or leave out is listed in data/loader.py.
+real-data worlds add or leave out is listed in data/world.py.
 
     python data/refcoco/prepare.py src=refer/data/refcoco coco_images=coco/train2014 data_dir=data/refcoco/world
     python data/refcoco/prepare.py src=refer/data/refcocog split_by=umd coco_images=coco/train2014 \\
@@ -49,7 +49,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 from common import configure, die  # noqa: E402
-from data.loader import Skips, WorldWriter, converter_settings, load_json, source_path  # noqa: E402
+from data.world import Skips  # noqa: E402
+from data.writer import WorldWriter, converter_settings, load_json, source_path  # noqa: E402
 from data.shapes.prepare import gpt, human  # noqa: E402
 
 # -----------------------------------------------------------------------------

@@ -95,9 +95,11 @@ Geometry conventions: pixel (x, y) is column x, row y; bbox corners and centres 
 indices; the 3x3 position of an object is the grid cell that holds its centre pixel.
 """
 import functools
+import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import sys
@@ -105,6 +107,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import sentencepiece as spm
 from PIL import Image
 from tqdm import tqdm
 
@@ -112,6 +115,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 from common import configure, die  # noqa: E402
+from data.text import SPECIAL  # noqa: E402  the special tokens' spellings: [Img] [/Img] [SEG] [USER] [ASSISTANT]
 
 # -----------------------------------------------------------------------------
 # settings (override on the command line with key=value, or config=NAME)
@@ -129,7 +133,7 @@ workers = 2         # processes for generation; the world is the same for any va
 
 SETTINGS = ('seed', 'image_size', 'n_train', 'n_val', 'n_test', 'min_objects', 'max_objects',
             'vocab_size', 'data_dir')
-_FORMAT_VERSION = 1
+FORMAT_VERSION = 1
 SPLITS = ('train', 'val', 'test')   # each split has its own seed stream: seed, split index, image index
 
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'star', 'hexagon')
@@ -151,7 +155,6 @@ WHERE = {'top left': 'at the top left', 'top': 'at the top', 'top right': 'at th
          'left': 'on the left', 'center': 'in the center', 'right': 'on the right',
          'bottom left': 'at the bottom left', 'bottom': 'at the bottom',
          'bottom right': 'at the bottom right'}
-SPECIAL = ('[Img]', '[/Img]', '[SEG]', '[USER]', '[ASSISTANT]')   # sentencepiece ids 4..8
 _GAP = 2               # at least this many background pixels between any two objects
 _BG_MIN_DIST = 110.0   # minimum RGB distance between any background pixel and any object colour
 ATTRS = ('size', 'color', 'shape')
@@ -754,8 +757,6 @@ def world_text(record, conv):
 
 def train_tokenizer(sentences, data_dir, requested):
     """Deterministic sentencepiece model on `sentences` (sorted here, so input order is fixed)."""
-    import io
-    import sentencepiece as spm
     sentences = sorted(sentences)
     size = requested
     for _ in range(5):
@@ -783,16 +784,14 @@ def train_tokenizer(sentences, data_dir, requested):
     with open(os.path.join(data_dir, 'tokenizer.vocab'), 'w', encoding='utf-8') as f:
         for k in range(sp.get_piece_size()):
             f.write(f'{sp.id_to_piece(k)}\t{sp.get_score(k):g}\n')
-    for k, s in enumerate(SPECIAL):
-        assert sp.piece_to_id(s) == 4 + k, (s, sp.piece_to_id(s))
     return sp
 
 
 def vocab_meta(sp, requested):
     """The "vocab" entry of meta.json for a tokenizer written by train_tokenizer."""
     return {'model': 'tokenizer.model', 'vocab': 'tokenizer.vocab', 'size': sp.get_piece_size(),
-            'requested': requested, 'unk': 0, 'bos': 1, 'eos': 2, 'pad': 3,
-            'special': {s: 4 + k for k, s in enumerate(SPECIAL)}}
+            'requested': requested, 'unk': sp.unk_id(), 'bos': sp.bos_id(), 'eos': sp.eos_id(), 'pad': sp.pad_id(),
+            'special': {s: sp.piece_to_id(s) for s in SPECIAL}}
 
 
 # -----------------------------------------------------------------------------
@@ -877,7 +876,6 @@ def prepare(workers=None, **settings):
     # Every image draws from its own generator (seed, split, index), so the world does not depend
     # on how the work is shared: workers > 1 hands fixed chunks to a process pool, and imap gives
     # the results back in order.
-    import multiprocessing
     t0, pool = time.time(), None
     if workers > 1 and sum(counts.values()) > 2 * _CHUNK and 'fork' in multiprocessing.get_all_start_methods():
         pool = multiprocessing.get_context('fork').Pool(workers)
@@ -906,7 +904,7 @@ def prepare(workers=None, **settings):
     print(f"training the tokenizer on {len(text)} sentences ...")
     sp = train_tokenizer(text, out, cfg['vocab_size'])
     meta = {
-        'format': 'nanosetok-world', 'format_version': _FORMAT_VERSION,
+        'format': 'nanosetok-world', 'format_version': FORMAT_VERSION,
         'settings': meta_settings(cfg),
         'splits': splits,
         'tasks': dict(sorted(tasks.items())),
