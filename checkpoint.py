@@ -3,19 +3,35 @@ Checkpoints, in one place: every script saves, loads and checks them here, and l
 from them here.
 
     save_checkpoint(obj, path)              atomic: a kill during the save keeps the previous file
-    load_checkpoint(path, kind)             a dict written by save_checkpoint, or a one-line error
+    load_checkpoint(path, kind)             a dict written by save_checkpoint, or a one-line error;
+                                            never runs code (see below)
     check_config(path, saved, wanted)       the same model shape, or a one-line error naming the difference
+    check_resume(path, ck, config, keys)    a resume goes on with the same run, or a one-line error
     load_weights(module, state, path)       load_state_dict, or a one-line error saying "retrain"
     rng_state() / set_rng_state(state)      everything exact resume needs from the random generators
+    RunLock(folder)                         one writer per run folder
     load_setok(path)                        (setok, detok, ckpt) from train_setok.py's ckpt.pt
     load_setokim(path)                      (model, text tokenizer, setok, detok, ckpt) from train_setokim.py's
+
+A checkpoint is data, never code. A .pt file is a pickle, and unpickling can call any function the
+file names (os.system included), so every load is torch.load(weights_only=True): only tensors and
+plain Python values (dicts, lists, tuples, str, int, float, bool, None) come back, and a file that
+names anything else is refused with a one-line error before anything in it runs. Everything our
+checkpoints hold is of those kinds: numpy's RNG state is stored as a tensor (rng_state). Checkpoints
+written before that hold numpy arrays; they still load, through an explicit allowlist of numpy's
+array constructor and types (NUMPY_ARRAYS), which build arrays and call nothing else.
 
 A checkpoint is a dict with a 'kind' ('setok' or 'setokim'), the model's state dict and the configs
 that rebuild the model; a training checkpoint adds the optimizer, the step, the RNG states, the run's
 settings ('config') and, for streamed data, the loader's position ('data').
 """
+import atexit
+import json
 import os
+import pickle
 import random
+import socket
+import time
 
 import numpy as np
 import torch
@@ -27,16 +43,28 @@ from setok import SeTok, SeTokConfig
 from setokim import SETOKIM, GPTConfig
 
 
+NUMPY_ARRAYS = [getattr(np, '_core', None) and np._core.multiarray._reconstruct or np.core.multiarray._reconstruct,
+                np.ndarray, np.dtype, type(np.dtype(np.uint32))]     # the last: the uint32 dtype's class
+
+
 def save_checkpoint(obj, path):
     atomic_save(obj, path)
 
 
 def load_checkpoint(path, kind=None, what='checkpoint'):
-    """Load a checkpoint written by save_checkpoint, or die with a line that says what is wrong."""
+    """Load a checkpoint written by save_checkpoint, or die with a line that says what is wrong. Only
+    tensors and plain values are unpickled: a file that would run code is refused, and nothing runs."""
     if not os.path.isfile(path):
         die(f"{what} {path} not found; train one first or pass its path")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        with torch.serialization.safe_globals(NUMPY_ARRAYS):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((l.strip() for l in str(e).splitlines() if 'GLOBAL' in l or 'Can only build' in l), None)
+        if why is None:                                                     # not a pickle of ours at all
+            die(f"{path} is not a readable checkpoint (UnpicklingError); pass a file written by nanoSeTok")
+        die(f"{path} is refused: it holds more than tensors and plain values, and loading it would run code "
+            f"({why[:160]}); load only checkpoints written by nanoSeTok")
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__}); pass a file written by nanoSeTok")
     if not isinstance(ckpt, dict) or 'kind' not in ckpt:
@@ -64,8 +92,27 @@ def load_weights(module, state, path):
         die(f"{path} does not fit this version of the model ({first[:160]}); retrain it with this code")
 
 
+def check_resume(path, ck, now, keys, ignore=('init_from', 'eval_only')):
+    """A resume must go on with the run that `ck` holds: the settings in `keys` (what shapes the run:
+    model, data, mix, batch, seed, processes) must be the ones it was made with, else a one-line error
+    (exit 2). Any other setting may change on purpose (a longer max_iters, another eval interval or
+    learning rate); the changes are said in one line. now: this run's settings, and what the
+    checkpoint keeps under 'run' (the number of processes, the data's identity)."""
+    saved = {**ck.get('config', {}), **ck.get('run', {})}
+    bad = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in keys if k in saved and k in now and saved[k] != now[k]]
+    if bad:
+        die(f"cannot resume {path}: it was made with {', '.join(bad)}; resume with the same settings, or start "
+            f"a new run in another out_dir")
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k] and k not in ignore]
+    if changed:
+        print(f"resuming {path} with changed settings: {', '.join(changed)}", flush=True)
+
+
 def rng_state():
-    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    """The state of every random generator, as tensors and plain values (numpy's keys as a tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             'python': random.getstate()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
@@ -73,10 +120,87 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(state['python'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# -----------------------------------------------------------------------------
+# one writer per run folder
+
+def _started(pid):
+    """When process pid started (clock ticks since boot, from /proc), or None where /proc is not there."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return int(f.read().rsplit(')', 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(other):
+    """Is the process that wrote lock record `other` still running? (A pid reused by another process
+    has another start time.) A lock from another host cannot be checked: taken as alive."""
+    if other.get('host') != socket.gethostname():
+        return True
+    try:
+        os.kill(int(other['pid']), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return other.get('started') is None or _started(other['pid']) == other['started']
+
+
+class RunLock:
+    """folder/.lock names the process writing into a run folder (pid, host, start, command). A second
+    run meets it with a one-line error naming that process; a lock left by a killed run (its process
+    gone) is taken over. Taking the lock also removes the temporary files that killed saves left
+    (common.atomic_save's *.tmp). The lock goes when the process exits (atexit)."""
+
+    def __init__(self, folder):
+        self.folder, self.path = folder, os.path.join(folder, '.lock')
+        os.makedirs(folder, exist_ok=True)
+        me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': _started(os.getpid()),
+              'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'command': ' '.join(os.sys.argv)[:200]}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    with open(self.path) as f:
+                        other = json.load(f)
+                except (OSError, ValueError):
+                    other = {}                       # half-written by a process killed at that moment
+                if other and _alive(other):
+                    die(f"{folder} is in use by another run (pid {other['pid']} on {other['host']}, since "
+                        f"{other.get('time')}: {other.get('command', '')}); wait for it, use another out_dir, or "
+                        f"delete {self.path} if no such run exists")
+                print(f"note: taking over {self.path}, left by a run that is gone (pid {other.get('pid')})", flush=True)
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, 'w') as f:
+                json.dump(me, f)
+            break
+        else:
+            die(f"could not take {self.path}; delete it if no run is writing into {folder}")
+        for name in os.listdir(folder):              # saves that a kill interrupted
+            if name.endswith('.tmp'):
+                os.remove(os.path.join(folder, name))
+        atexit.register(self.release)
+
+    def release(self):
+        try:
+            with open(self.path) as f:
+                mine = json.load(f).get('pid') == os.getpid()
+            if mine:
+                os.remove(self.path)
+        except (OSError, ValueError):
+            pass
 
 
 # -----------------------------------------------------------------------------
@@ -104,6 +228,8 @@ def load_setok(path, device='cpu', **overrides):
 def setok_ckpt_of(ck, path):
     """The SeTok checkpoint a SETOKIM checkpoint (ck, read from path) was trained on; it is stored
     relative to the SETOKIM checkpoint's folder."""
+    if 'text_tokenizer' not in ck or 'setok_ckpt' not in ck:
+        die(f"{path} is from another version of nanoSeTok (no text tokenizer or SeTok checkpoint named); retrain it")
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), ck['setok_ckpt']))
 
 
@@ -113,10 +239,8 @@ def load_setokim(path, device='cpu', ck=None):
     ck = ck or load_checkpoint(path, kind='setokim', what='SETOKIM checkpoint')
     model = SETOKIM(GPTConfig(**_config(GPTConfig, ck.get('gpt_config'), path, 'gpt_config')))
     load_weights(model, ck.get('model', {}), path)
-    if 'text_tokenizer' not in ck or 'setok_ckpt' not in ck:
-        die(f"{path} is from another version of nanoSeTok (no text tokenizer or SeTok checkpoint named); retrain it")
-    tok = TextTokenizer(ck['text_tokenizer'])
     setok_path = setok_ckpt_of(ck, path)
+    tok = TextTokenizer(ck['text_tokenizer'])
     if not os.path.isfile(setok_path):
         die(f"{path} was trained on the SeTok checkpoint {setok_path}, which is gone")
     setok, detok, _ = load_setok(setok_path, device, **ck.get('setok_overrides', {}))

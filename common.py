@@ -275,15 +275,22 @@ def gather_all(x, grad=True):
 # files, logs and progress
 
 def atomic_save(obj, path):
-    """torch.save that a kill cannot corrupt: write a temporary file, fsync it, then rename it over
-    `path` (the previous file stays intact until the rename). Checkpoints and the token cache."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """torch.save that a kill cannot corrupt: write a temporary file, fsync it, rename it over `path`
+    (the previous file stays intact until the rename), and fsync the folder so that the rename itself
+    survives a crash. Checkpoints and the token cache."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'wb') as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class RunLog:
@@ -293,7 +300,7 @@ class RunLog:
     (time: seconds since the run started; extra fields such as "stage" as the script passes them).
     A run from scratch starts a new file; a resumed run keeps the records that keep(record) accepts
     (those before the resumed step), so that the file always reads as one straight run.
-    plot(path) draws the curves as a PNG (pillow only)."""
+    plot_curves(log.records(), path, keys) draws the curves as a PNG (pillow only)."""
 
     def __init__(self, path, keep=None, enabled=True):
         self.path, self.enabled, self.t0 = path, enabled, time.time()

@@ -175,7 +175,7 @@ def write(ev, task, K, panel):
         if task == 't2i':                                                   # no image written: the baselines
             guess = np.stack([caption_guess(records[int(test['target'][row])]['objects'], test['background'],
                                             target.shape[-1]) for row in r.tolist()])      # (b, H, W, 3)
-            base = torch.from_numpy(guess).permute(0, 3, 1, 2).float().to(ev.dev)
+            base = torch.from_numpy(guess).permute(0, 3, 1, 2).float()
         else:
             base = ev.images(P.img[r])
         cols = [edited_colours(records[int(P.img[row]) if task == 'edit' else int(test['target'][row])]['objects'],
@@ -183,7 +183,7 @@ def write(ev, task, K, panel):
         O = max(len(c) for c in cols)
         colours = torch.tensor([[COLORS[x] for x in c] + [(0, 0, 0)] * (O - len(c)) for c in cols], device=ev.dev) / 255
         valid = torch.tensor([[True] * len(c) + [False] * (O - len(c)) for c in cols], device=ev.dev)
-        for k, v in (('psnr', psnr(out, target)), ('base', psnr(base, target)), ('oracle_psnr', psnr(recon, target)),
+        for k, v in (('psnr', psnr(out, target)), ('base', psnr(base, target.to(base.device))), ('oracle_psnr', psnr(recon, target)),
                      ('tokens', tmask.sum(1).float()), ('colour_iou', colour_iou(out, target, colours, valid)),
                      ('oracle_colour_iou', colour_iou(recon, target, colours, valid))):
             got[k].append(v.cpu())
@@ -223,7 +223,7 @@ def evaluate(ev, tasks, max_image_tokens, panel_path=None):
 
 
 @torch.no_grad()
-def stream_losses(model, batches, loader, want, ctx, dev):
+def stream_losses(model, batches, loader, want, ctx, dev, split):
     """data_dirs: the teacher-forced test losses of the first `want` conversations of a held-out loader
     (0: all); batches is the training StreamedBatches, whose to_batch tokenises a streamed batch."""
     model.eval()
@@ -238,7 +238,7 @@ def stream_losses(model, batches, loader, want, ctx, dev):
         if n >= want:
             break
     model.train()
-    return dict(test_losses(sums), conversations=n)
+    return dict(test_losses(sums), split=split, conversations=n)
 
 
 def fmt(m):

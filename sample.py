@@ -182,11 +182,13 @@ def same_file(a, b):
 
 def run_folder(settings):
     """out_dir, or when it is '' the run folder under out/ whose SeTok checkpoint (ckpt.pt) is the newest:
-    right after `python train_setok.py config=small` that is out/small."""
+    right after `python train_setok.py config=small` that is out/small. With setok_ckpt given: its folder."""
     if settings['out_dir']:
         return settings['out_dir']
+    if settings['setok_ckpt']:
+        return os.path.dirname(resolve(settings['setok_ckpt']))
     found = sorted(glob.glob(os.path.join(HERE, 'out', '*', 'ckpt.pt')), key=os.path.getmtime)
-    if not found and not settings['setok_ckpt']:
+    if not found and settings['ckpt'].lower() in ('', 'none'):
         die("no checkpoints under out/: train SeTok first (python train_setok.py config=small), or pass "
             "setok_ckpt=PATH or out_dir=FOLDER")
     return os.path.dirname(found[-1]) if found else os.path.join(HERE, 'out')

@@ -64,7 +64,7 @@ class GPTConfig:
     mask_n_head: int = 4
     mask_refine: bool = True   # a per-patch correction on top of the exact label gather
     # ids of the text tokenizer's special tokens, used while generating: always set from the tokenizer
-    # (train_setokim.gpt_config); -1 = not set
+    # (train_setokim.py builds the GPTConfig); -1 = not set
     img_id: int = -1
     img_end_id: int = -1
     seg_id: int = -1

@@ -29,13 +29,14 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from checkpoint import check_config, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
+from checkpoint import (RunLock, check_config, check_resume, load_checkpoint, load_weights, rng_state, save_checkpoint,
+                        set_rng_state)
 from common import (HERE, Progress, RunLog, adamw, as_list, cluster_overlay, compile_on, configure, die, lr_at,
                     pick_device, plot_curves, save_panel, setup_ddp, to_uint8, wrap_ddp)
 from data.order import DataOrder
 from data.shapes.prepare import prepare
 from data.stream import StreamingLoader
-from data.world import load_split, resolve_world, world_splits
+from data.world import load_split, resolve_world, world_settings, world_splits
 from detok import DetokConfig, Tokenizer, psnr
 from pretrained import load_vit, pretrained_config, pretrained_weights, vit_shape
 from setok import SeTokConfig, grid_labels
@@ -117,6 +118,10 @@ config = configure(globals())
 
 # the SeTok settings that fix parameter shapes; the clustering settings may change at eval time
 ARCH_KEYS = ('image_size', 'patch_size', 'dim', 'depth', 'n_head', 'token_dim', 'intra_depth', 'inter_depth')
+# what a resume must keep (checkpoint.check_resume): the model, the data and its order, the batch
+RUN_KEYS = (*ARCH_KEYS, *(f.name for f in fields(SeTokConfig)), 'dec_sprite_size', 'dec_dim', 'dec_sharpness', 'text_dim',
+            'text_depth', 'max_concepts', 'concept_len', 'vit_init', 'freeze_encoder', 'data_dir', 'data_dirs',
+            'data_weights', 'data', 'batch_size', 'grad_accum', 'seed', 'processes')
 
 
 def setok_config(cfg):
@@ -348,9 +353,11 @@ if __name__ == '__main__':
     # ---- a checkpoint to resume from is checked first, before any data is loaded
     scfg, dcfg = setok_config(config), detok_config(config)
     ck = None
+    if master:
+        RunLock(out)                                                       # one writer per run folder
     if init_from == 'resume' or eval_only:
         ck = load_checkpoint(ckpt_path, kind='setok')
-        arch = lambda s, d: {**{k: s[k] for k in ARCH_KEYS}, **{f'dec_{k}': v for k, v in d.items()}}
+        arch = lambda s, d: {**{k: s.get(k) for k in ARCH_KEYS}, **{f'dec_{k}': v for k, v in d.items()}}
         check_config(ckpt_path, arch(ck['setok_config'], ck['detok_config']), arch(asdict(scfg), asdict(dcfg)),
                      fix="use the config it was trained with")
         if not eval_only and bool(data_dirs) != ('data' in ck):            # the data order must go on as it was
@@ -374,6 +381,9 @@ if __name__ == '__main__':
     if not os.path.isfile(sp_file):
         die(f"{world_dir} has no tokenizer.model; prepare (or convert) the world again")
     sp = spm.SentencePieceProcessor(model_file=sp_file)
+    run = {'processes': world, 'data': world_settings(world_dir)}          # with config: what check_resume compares
+    if ck is not None and not eval_only:
+        check_resume(ckpt_path, ck, {**config, **run}, RUN_KEYS)
     if stream:
         loader, val = streamed_data(stream, sp_file, rank, world, master,
                                     dev.startswith('cuda'))
@@ -414,7 +424,7 @@ if __name__ == '__main__':
     def save(step):
         save_checkpoint({'kind': 'setok', 'model': model.state_dict(), 'optimizer': opt.state_dict(), 'step': step,
                          'rng': rng_state(), 'config': config, 'setok_config': asdict(scfg), 'detok_config': asdict(dcfg),
-                         'tokenizer_model': sp_file, 'concept_vocab': concept_vocab,
+                         'tokenizer_model': sp_file, 'concept_vocab': concept_vocab, 'run': run,
                          **({'data': loader.state_dict()} if stream else {})}, ckpt_path)
 
     if eval_only:

@@ -14,13 +14,9 @@ conversations. SeTok and its detokenizer are frozen.
     torchrun --nproc_per_node=8 train_setokim.py config=full text_tokenizer=gpt2 num_workers=8 \
         data_dirs=data/cc3m/world,data/llava/world,data/refcoco/world,data/magicbrush/world
 
-With data_dirs (worlds converted from real data by data/*/prepare.py) nothing is cached: the
-conversations are streamed (each DDP rank its own shard, the loader's position in the checkpoint),
-their images decoded in num_workers processes and tokenised by the frozen SeTok inside the training
-step, all of a micro-batch's images in one call. Tasks: caption, vqa, refer, t2i, edit and chat
-(LLaVA's multi-turn conversations, a loss on every gpt turn); conversations of other tasks are
-counted and skipped with a warning; ones longer than block_size are cut there (counted, warned).
-Eval is then the teacher-forced losses on the worlds' val split (test where there is no val).
+With data_dirs (real worlds converted by data/*/prepare.py) the conversations are streamed and their
+images tokenised by the frozen SeTok inside the training step (data/conversations.py: StreamedBatches);
+chat (LLaVA's turns) joins the tasks, and eval is the teacher-forced losses on the worlds' val split.
 
 Stage 1 (multimodal pretraining): captioning (image -> text) and text-to-image (text -> image).
 Stage 2 (instruction tuning), initialised from stage 1: the whole mix (captioning, VQA, referring
@@ -49,14 +45,15 @@ from functools import partial
 
 import torch
 
-from checkpoint import check_config, load_checkpoint, load_setok, load_weights, rng_state, save_checkpoint, set_rng_state
+from checkpoint import (RunLock, check_config, check_resume, load_checkpoint, load_setok, load_weights, rng_state,
+                        save_checkpoint, set_rng_state)
 from common import (HERE, Progress, RunLog, adamw, as_list, compile_on, configure, die, lr_at, parse_args, peak_flops,
                     pick_device, plot_curves, setup_ddp, wrap_ddp)
 from data.conversations import (STREAM_TASKS, TASKS, CachedBatches, StreamedBatches, conversation_loader, load_world,
                                 parse_repeat, stage_rows, token_cache, token_stats)
 from data.shapes.prepare import prepare
 from data.text import TextTokenizer, tiktoken_gpt2
-from data.world import resolve_world, world_splits
+from data.world import resolve_world, world_settings, world_splits
 from eval_setokim import Eval, evaluate, fmt, stat_vector, stream_losses
 from pretrained import gpt2_shape, load_gpt2, pretrained_config, pretrained_weights
 from setokim import SETOKIM, GPTConfig, setok_tokens
@@ -104,7 +101,7 @@ dice_weight = 1.0
 # optimiser (per stage: a fresh AdamW and a fresh schedule)
 llm_batch_size = 32               # conversations per process per micro-step
 llm_grad_accum = 1
-llm_pack_rows = True              # several conversations per row (setokim.collate): the same loss on fewer padded
+llm_pack_rows = True              # several conversations per row (data.batch.collate): the same loss on fewer padded
                                   # positions. False: one conversation per row, padded to the batch's longest
 llm_learning_rate = 1e-3
 task_repeat = []                  # stage 2's mix, task:n entries: task_repeat=vqa:2,refer:2 puts each VQA and referring
@@ -130,6 +127,8 @@ config = configure(globals())
 STAGE_TASKS = {1: ('caption', 't2i'), 2: TASKS}
 STREAM_STAGE_TASKS = {1: ('caption', 't2i'), 2: STREAM_TASKS}
 NORM_IMAGES = 1024                # data_dirs: SeTok tokens of this many train images set SETOKIM's token statistics
+RUN_KEYS = ('data_dir', 'data_dirs', 'data_weights', 'task_repeat', 'llm_batch_size', 'llm_grad_accum', 'llm_pack_rows',
+            'seed', 'tokenizer', 'grid_size', 'text_tokenizer', 'processes', 'data', 'token_cache')   # check_resume's
 FORWARD = ('out_dir', 'data_dir', 'data_dirs', 'data_weights', 'num_workers', 'log_interval', 'seed', 'device', 'dtype',
            'compile', 'threads')  # the settings train_setok.py shares, passed on when it trains SeTok first
 
@@ -167,7 +166,9 @@ setok_path = setok_path if os.path.isabs(setok_path) else os.path.join(HERE, set
 run_dir = os.path.join(out, run_name or ('setokim' if tokenizer == 'setok' else f'setokim_{tokenizer}'))
 ckpt_path = {s: os.path.join(run_dir, f'stage{s}.pt') for s in (1, 2)}
 
-# ---- the checkpoints this run needs are checked before any work
+# ---- the checkpoints this run needs are checked before any work; one writer per run folder
+if master:
+    RunLock(run_dir)
 if eval_only:
     have = [s for s in ([2, 1] if stage == 0 else [stage]) if os.path.isfile(ckpt_path[s])]
     if not have:
@@ -218,6 +219,7 @@ if not stream:
         die(f"{world_dir} holds {cache['test']['images'].shape[1]}px images but the SeTok checkpoint wants "
             f"{setok.cfg.image_size}px; use the world it was trained on (data_dir=...)")
     train, test, longest = load_world(world_dir, tok, cache, vis_id, block_size)
+run = {'processes': world, 'data': world_settings(world_dir), 'token_cache': cache_path and os.path.basename(cache_path)}
 
 # ---- the model: its special-token ids come from the text tokenizer, its token statistics from the data
 gcfg = GPTConfig(vocab_size=tok.vocab_size + 1, block_size=block_size, **llm_shape, token_dim=setok.cfg.token_dim,
@@ -261,8 +263,7 @@ def run_eval(s, batches=None):
         held = split and conversation_loader([d for d in stream if split in world_splits(d)[1]], split,
                                              STREAM_STAGE_TASKS[s], setok.cfg.image_size, tok.model, vis_id,
                                              eval_batch_size, seed, workers=num_workers)
-        m = dict(stream_losses(model, batches, held, eval_per_task * len(STREAM_STAGE_TASKS[s]), ctx, dev),
-                 split=split) if held else {}
+        m = stream_losses(model, batches, held, eval_per_task * len(STREAM_STAGE_TASKS[s]), ctx, dev, split) if held else {}
     else:
         ev = Eval(model, detok, tok, test, ctx, dev, eval_per_task, eval_batch_size, llm_pack_rows)
         m = evaluate(ev, TASKS if eval_only else STAGE_TASKS[s], setok.max_tokens, os.path.join(run_dir, 'samples.png'))
@@ -271,8 +272,6 @@ def run_eval(s, batches=None):
     return m
 
 
-if master:
-    os.makedirs(run_dir, exist_ok=True)
 if eval_only:
     if master:
         s = have[0]
@@ -303,6 +302,7 @@ for s in stages:
     step, ck = 0, None
     if init_from == 'resume' and os.path.isfile(ckpt_path[s]):
         ck = load_model(ckpt_path[s], f'stage {s} checkpoint')
+        check_resume(ckpt_path[s], ck, {**config, **run}, RUN_KEYS, ignore=('init_from', 'eval_only', 'stage'))
         if bool(stream) != ('data' in ck):
             die(f"{ckpt_path[s]} was trained on {'streamed worlds (data_dirs)' if 'data' in ck else 'data_dir'}; "
                 f"resume it with the same data settings")
@@ -396,15 +396,15 @@ for s in stages:
                                  # relative to this checkpoint's folder, so that out/ can move as a whole
                                  'setok_ckpt': os.path.relpath(setok_path, run_dir),
                                  'setok_overrides': overrides, 'setok_config': asdict(setok.cfg),
-                                 'detok_config': asdict(detok.cfg), 'token_cache': cache_path,
+                                 'detok_config': asdict(detok.cfg), 'token_cache': cache_path, 'run': run,
                                  **({'data': batches.state_dict()} if stream else {})}, ckpt_path[s])
                 m = run_eval(s, batches)
                 log.write('eval', step, stage=s, **m)
                 plot_curves(log.records(), os.path.join(run_dir, 'curves.png'),
                             ['ce', 'reg', 'mask', 'test_ce', 'test_reg', 'vqa', 'caption_f1', 'refer_miou', 't2i_psnr'])
                 if stream and batches.cut:
-                    bar.write(f"warning: {batches.cut} conversations so far were longer than block_size={block_size} "
-                              f"tokens and cut there (raise block_size)")
+                    print(f"warning: {batches.cut} conversations so far were longer than block_size={block_size} "
+                          f"tokens and cut there (raise block_size)", file=sys.stderr, flush=True)
                 dt = t_eval - t_start
                 bar.write(f"stage {s} step {step} | {fmt(m)} | train {tokens_seen / dt:.0f} tok/s, "
                           f"{dt / (step - step0):.3f} s/step | eval {time.time() - t_eval:.0f}s")

@@ -1,13 +1,13 @@
 """
 SETOKIM's data (train_setokim.py): SeTok's tokens of every image, cached once; a world's
-conversations tokenised once into Packed arrays (setokim.pack); and, for converted real worlds
+conversations tokenised once into Packed arrays (data.batch.pack); and, for converted real worlds
 (data_dirs), conversations streamed with their images, tokenised by SeTok inside the training step.
 Nothing here imports a model: the caller hands in `tokenize` (images -> SeTok's tokens in reading
 order, setokim.setok_tokens with the frozen SeTok bound to it).
 
     cache, path = token_cache(tokenize, setok_path, overrides, world_dir, dev, master, ddp, batch_size)
     train = conversations(world_dir, 'train', tok, cache['train'], vis_id)    # {'P', 'convs', 'task', ...}
-    bank = make_bank(cache['train'])                                          # setokim.Bank: rows of tokens
+    bank = make_bank(cache['train'])                                          # data.batch.Bank: rows of tokens
 
 SeTok is frozen while SETOKIM trains, so in a world that fits in memory each image's tokens, their
 count and the patch labels are computed once, up front, and stored next to the SeTok checkpoint:
@@ -33,7 +33,8 @@ from data.order import DataOrder
 from data.stream import StreamingLoader, WorldDataset, line_tasks
 from data.text import TextTokenizer
 from data.shapes.prepare import mean_background
-from data.world import ImageError, load_image, load_image_with_map, load_instruct, load_png, load_split, read_jsonl
+from data.world import (ImageError, load_image, load_image_with_map, load_instruct, load_png, load_split, read_jsonl,
+                        world_settings)
 
 TASKS = ('caption', 'vqa', 'refer', 't2i', 'edit')
 KINDS = ('count', 'attribute', 'existence', 'relation')   # the VQA question kinds
@@ -48,9 +49,8 @@ def cache_file(setok_path, overrides, world_dir):
     with open(setok_path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
-    with open(os.path.join(world_dir, 'meta.json')) as f:
-        world = json.load(f)['settings']
-    h.update(json.dumps({'overrides': overrides, 'world': world, 'version': CACHE_VERSION}, sort_keys=True).encode())
+    h.update(json.dumps({'overrides': overrides, 'world': world_settings(world_dir), 'version': CACHE_VERSION},
+                        sort_keys=True).encode())
     name = os.path.splitext(os.path.basename(setok_path))[0]
     tag = overrides['tokenizer'] + (str(overrides['grid_size']) if 'grid_size' in overrides else '')
     return os.path.join(os.path.dirname(setok_path), 'setokim_cache', f"{name}-{tag}-{h.hexdigest()[:12]}.pt")
@@ -299,7 +299,7 @@ class StreamedBatches:
     def __init__(self, loader, tokenize, tok, token_dim, grid, block_size, accum, pack_rows):
         self.loader, self.tokenize, self.tok, self.pack_rows = loader, tokenize, tok, pack_rows
         self.token_dim, self.grid, self.block_size, self.accum = token_dim, grid, block_size, accum
-        self.batches, self.cut = loader.batches(), 0
+        self.batches, self.cut = loader.batches() if loader is not None else None, 0   # None: eval only
 
     def to_batch(self, b, dev):
         """A streamed batch -> (the model's batch, its loss counts (n_ce, n_reg, n_seg), conversations cut)."""
@@ -370,5 +370,6 @@ def load_world(world_dir, tok, cache, vis_id, block_size):
     test['background'] = mean_background(read_jsonl(os.path.join(world_dir, 'train.jsonl'), 'manifest'), test['images'].shape[1])
     longest = max(int(train['P'].length.max()), int(test['P'].length.max()))
     if longest > block_size:
-        die(f"the longest conversation has {longest} tokens, more than block_size={block_size}; raise block_size")
+        die(f"the longest conversation has {longest} tokens with these visual tokens, more than block_size={block_size}; "
+            f"raise block_size")
     return train, test, longest

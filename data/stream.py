@@ -29,6 +29,7 @@ epoch from world 0 with probability 0.7 (data/order.py). With instances=True a b
 (nearest-neighbour), zeros for a record without one.
 """
 import json
+import multiprocessing
 import os
 import re
 
@@ -38,6 +39,10 @@ import torch
 from common import as_list, die
 from data.order import ShardSampler
 from data.world import ImageError, Skips, load_image, load_image_with_map, manifest
+
+# Workers are forked where the platform can (Linux, macOS): a spawned worker re-imports the script that
+# started it, and the training scripts run their training at the top level, as nanoGPT's train.py does.
+WORKER_START = 'fork' if 'fork' in multiprocessing.get_all_start_methods() else None
 
 def line_index(path, chunk=1 << 24):
     """(start, length) in bytes of every non-empty line of a text file, two (n,) int64 arrays. The file
@@ -218,7 +223,8 @@ class StreamingLoader:
             s.epoch, s.pos = s.epoch + 1, 0
         dl = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=s, collate_fn=self.collate,
                                          num_workers=self.workers, pin_memory=self.pin_memory,
-                                         prefetch_factor=self.prefetch if self.workers else None)
+                                         prefetch_factor=self.prefetch if self.workers else None,
+                                         multiprocessing_context=WORKER_START if self.workers else None)
         for batch in dl:
             if 'fatal' in batch:
                 die(batch['fatal'])

@@ -242,17 +242,30 @@ def load_image_with_map(path, map_path, size):
 
 
 
-def world_splits(world_dir):
-    """The absolute world folder and the splits its meta.json lists, or die saying what is wrong."""
+def world_meta(world_dir):
+    """The absolute world folder and its meta.json, or die saying what is wrong."""
     d = resolve_world(world_dir)
     meta = os.path.join(d, 'meta.json')
     if not os.path.isfile(meta):
         die(f"{d} has no meta.json: the world is unfinished; prepare (or convert) it again")
     try:
         with open(meta, encoding='utf-8') as f:
-            return d, dict(json.load(f).get('splits', {}))
+            m = json.load(f)
+        return d, dict(m)
     except (OSError, ValueError, AttributeError, TypeError):
         die(f"{meta} is unreadable; prepare (or convert) the world again")
+
+
+def world_splits(world_dir):
+    """The absolute world folder and the splits its meta.json lists, or die saying what is wrong."""
+    d, m = world_meta(world_dir)
+    return d, dict(m.get('splits', {}))
+
+
+def world_settings(world_dir):
+    """What made a world (meta.json's settings: the generator's or the converter's): a world rewritten
+    with other settings (another seed, size, source) is other data."""
+    return world_meta(world_dir)[1].get('settings', {})
 
 
 def manifest(world_dir, split, suffix=''):

@@ -1,0 +1,134 @@
+"""A checkpoint is data, never code (checkpoint.py), on real tiny train_setok.py runs: a checkpoint whose
+pickle would run code is refused before anything in it runs; a resume checks what it resumes; one
+writer per run folder, and a lock left by a killed run is taken over; SIGKILL at any moment of a run
+that saves at every step leaves a loadable checkpoint, and the next run clears the killed save's
+temporary file."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoint import load_checkpoint
+from conftest import ROOT, run_script
+from test_train_setok import TINY
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    from data.shapes.prepare import prepare
+    return prepare(data_dir=str(tmp_path_factory.mktemp('w') / 'world'), image_size=32, n_train=32, n_val=8, n_test=8,
+                   workers=1)
+
+
+def run(world, out, *args, check=True):
+    return run_script('train_setok.py', *TINY, f'data_dir={world}', f'out_dir={out}', 'batch_size=4', *args, check=check)
+
+
+def start(world, out, *args):
+    """train_setok.py in the background (for the kill and lock tests)."""
+    return subprocess.Popen([sys.executable, 'train_setok.py', *TINY, f'data_dir={world}', f'out_dir={out}', 'batch_size=4',
+                             *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for(path, p, timeout=120):
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert p.poll() is None and time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+class WritesAFile:
+    """Unpickling this calls open(marker, 'w'): what a malicious checkpoint could do with os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+def one_line_error(r, *fragments):
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr, r.stderr
+    for f in fragments:
+        assert f in r.stderr, r.stderr
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(world, tmp_path):
+    marker = tmp_path / 'ran'
+    out = tmp_path / 'run'
+    out.mkdir()
+    torch.save({'kind': 'setok', 'model': {}, 'payload': WritesAFile(str(marker))}, out / 'ckpt.pt')
+    torch.load(out / 'ckpt.pt', weights_only=False)  # the payload is real: an unsafe load writes the file
+    assert marker.exists()
+    marker.unlink()
+    img = tmp_path / 'x.png'
+    from PIL import Image
+    Image.new('RGB', (32, 32), (200, 30, 30)).save(img)
+    for r in (run(world, out, 'init_from=resume', 'max_iters=2', check=False),
+              run(world, out, 'eval_only=True', check=False),
+              run_script('sample.py', '--image', str(img), f'setok_ckpt={out / "ckpt.pt"}', f'out={tmp_path / "s"}', check=False)):
+        one_line_error(r, 'is refused', 'would run code')
+        assert not marker.exists()
+
+
+def test_a_checkpoint_of_the_older_format_still_loads(tmp_path):
+    """Before rng_state stored numpy's state as a tensor, checkpoints held numpy arrays: they load
+    through the explicit allowlist, and their RNG state restores."""
+    from checkpoint import set_rng_state
+    np.random.seed(3)
+    old = {'kind': 'setok', 'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}}
+    torch.save(old, tmp_path / 'old.pt')
+    want = np.random.rand(3)
+    ck = load_checkpoint(str(tmp_path / 'old.pt'))
+    set_rng_state(ck['rng'])
+    assert np.array_equal(np.random.rand(3), want)
+
+
+def test_resume_checks_what_it_resumes(world, tmp_path):
+    out = tmp_path / 'r'
+    run(world, out, 'max_iters=2', 'eval_interval=2')
+    r = run(world, out, 'max_iters=4', 'eval_interval=2', 'init_from=resume', 'batch_size=8', check=False)
+    one_line_error(r, 'cannot resume', 'batch_size=4 (now 8)')
+    r = run(world, out, 'max_iters=4', 'eval_interval=4', 'init_from=resume', 'learning_rate=1e-3')
+    line = next(l for l in r.stdout.splitlines() if 'with changed settings:' in l)
+    assert all(f in line for f in ('max_iters 2 -> 4', 'eval_interval 2 -> 4', 'learning_rate 0.003 -> 0.001')), line
+    assert load_checkpoint(str(out / 'ckpt.pt'))['step'] == 4
+
+
+def test_one_writer_per_run_folder_and_a_stale_lock_is_taken_over(world, tmp_path):
+    out = tmp_path / 'lock'
+    p = start(world, out, 'max_iters=100000', 'eval_interval=100000')
+    try:
+        wait_for(out / '.lock', p)
+        r = run(world, out, 'max_iters=1', check=False)
+        one_line_error(r, 'is in use by another run', f'pid {p.pid}')
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert (out / '.lock').exists()                 # a killed run cannot remove its lock
+    r = run(world, out, 'max_iters=1', 'eval_interval=1')
+    assert f'taking over {out / ".lock"}' in r.stdout and f'(pid {p.pid})' in r.stdout
+    assert not (out / '.lock').exists()             # released at exit
+
+
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(world, tmp_path):
+    out, rng, last = tmp_path / 'kill', random.Random(0), 0
+    for i in range(3):
+        p = start(world, out, 'max_iters=100000', 'eval_interval=1', 'eval_images=4',   # a save at every step
+                  *(['init_from=resume'] if i else []))
+        wait_for(out / 'ckpt.pt', p)
+        time.sleep(rng.uniform(0.2, 1.5))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        ck = load_checkpoint(str(out / 'ckpt.pt'), kind='setok')
+        assert ck['step'] >= last
+        last = ck['step']
+    r = run(world, out, f'max_iters={last + 1}', 'eval_interval=1', 'init_from=resume')
+    assert load_checkpoint(str(out / 'ckpt.pt'))['step'] == last + 1
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')], os.listdir(out)
