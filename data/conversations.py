@@ -94,7 +94,10 @@ def token_cache(tokenize, setok_path, overrides, world_dir, dev, master, ddp, ba
         print(f"SeTok tokens of {sum(len(c['ntok']) for c in cache.values())} images in {time.time() - t0:.0f}s -> {path}")
     if ddp:
         torch.distributed.barrier()
-    return torch.load(path, weights_only=True), path
+    try:
+        return torch.load(path, weights_only=True), path                    # tensors and plain values only
+    except Exception as e:
+        die(f"the token cache {path} is unreadable ({type(e).__name__}); delete it and run again (it is rebuilt)")
 
 
 def conversations(world_dir, split, tok, cache, vis_id):
