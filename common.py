@@ -327,14 +327,20 @@ class RunLog:
 
 def plot_curves(records, path, keys, width=360, height=210):
     """One panel per key in `keys` (a key that no record has is left out): its value against the step,
-    train records as thin lines, eval records as dots joined by lines; one colour per "stage" when the
-    records have stages. Written with pillow, so it needs nothing else."""
+    train records as thin lines, eval records as dots joined by lines. Records with a "stage" (SETOKIM)
+    get one colour per stage, each stage drawn after the one before it on the step axis. Written with
+    pillow, so it needs nothing else."""
+    stages = sorted({r.get('stage', 0) for r in records})
+    last = {s: max((r['step'] for r in records if r.get('stage', 0) == s), default=0) for s in stages}
+    offset = {s: sum(last[t] for t in stages if t < s) for s in stages}    # stage 2's step 1 follows stage 1's end
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
     panels = []
     for key in keys:
         series = {}
         for r in records:
             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]):
-                series.setdefault((r.get('stage', 0), r['kind']), []).append((r['step'], r[key]))
+                s = r.get('stage', 0)
+                series.setdefault((s, r['kind']), []).append((offset[s] + r['step'], r[key]))
         if series:
             panels.append((key, series))
     if not panels:
@@ -342,7 +348,6 @@ def plot_curves(records, path, keys, width=360, height=210):
     cols = min(3, len(panels))
     canvas = Image.new('RGB', (cols * width, -(-len(panels) // cols) * height), 'white')
     draw = ImageDraw.Draw(canvas)
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
     for i, (key, series) in enumerate(panels):
         x0, y0 = (i % cols) * width, (i // cols) * height
         left, top, right, bottom = x0 + 48, y0 + 22, x0 + width - 12, y0 + height - 24
@@ -354,11 +359,13 @@ def plot_curves(records, path, keys, width=360, height=210):
         Y = lambda v: bottom - (v - ylo) / (yhi - ylo) * (bottom - top)
         draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
         draw.text((left, y0 + 6), key, fill='black')
+        if len(stages) > 1:
+            for j, s in enumerate(stages):
+                draw.text((right - 110 + 55 * j, y0 + 6), f'stage {s}', fill=colours[j % len(colours)])
         draw.text((x0 + 2, top), f'{yhi:.3g}', fill=(90, 90, 90))
         draw.text((x0 + 2, bottom - 10), f'{ylo:.3g}', fill=(90, 90, 90))
         draw.text((left, bottom + 6), f'{xlo}', fill=(90, 90, 90))
-        draw.text((right - 40, bottom + 6), f'step {xhi}', fill=(90, 90, 90))
-        stages = sorted({st for st, _ in series})
+        draw.text((right - 60, bottom + 6), f'step {xhi}', fill=(90, 90, 90))
         for (stage, kind), s in sorted(series.items()):
             c = colours[stages.index(stage) % len(colours)]
             line = [(X(a), Y(b)) for a, b in sorted(s)]

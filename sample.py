@@ -191,7 +191,11 @@ def run_folder(settings):
     if not found and settings['ckpt'].lower() in ('', 'none'):
         die("no checkpoints under out/: train SeTok first (python train_setok.py config=small), or pass "
             "setok_ckpt=PATH or out_dir=FOLDER")
-    return os.path.dirname(found[-1]) if found else os.path.join(HERE, 'out')
+    if not found:
+        return os.path.join(HERE, 'out')
+    print(f"using the checkpoints in {os.path.relpath(os.path.dirname(found[-1]))} (the newest run under out/; "
+          f"out_dir=... picks another)", flush=True)
+    return os.path.dirname(found[-1])
 
 
 def load_models(settings, dev, wants_llm):
