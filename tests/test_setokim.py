@@ -1,6 +1,7 @@
 """SETOKIM (setokim.py, train_setokim.py): the sequence format, the loss masks, generation (stopping at
 [/Img], KV cache == no cache, padding-invariance), the mask decoder and SeTok's labels, and real tiny
 training runs: exact resume, 2-process DDP == 1 process, a clear error without a SeTok checkpoint."""
+import json
 import os
 import subprocess
 import sys
@@ -427,12 +428,20 @@ def straight(world, setok_dir):
     """4 steps of stage 2 after 2 of stage 1, in one go, 8 conversations per step."""
     r = run(world, setok_dir, 'straight', 'stage2_max_iters=4', 'llm_batch_size=8', *COMMON)
     assert 'VQA' in r.stdout + r.stderr and 'refer mIoU' in r.stdout + r.stderr
+    # log.jsonl: a train record per step of each stage (what bench.py times), evals, the setup record (MFU)
+    with open(os.path.join(setok_dir, 'straight', 'log.jsonl')) as f:
+        recs = [json.loads(line) for line in f]
+    assert [(x['stage'], x['step']) for x in recs if x['kind'] == 'train'] == [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (2, 4)]
+    assert all(x['llm_tokens'] > 0 and x['time'] >= 0 for x in recs if x['kind'] == 'train')
+    assert recs[0]['kind'] == 'setup' and recs[0]['gpt_params'] > 0 and 'vqa' in recs[-1]
+    assert os.path.exists(os.path.join(setok_dir, 'straight', 'curves.png'))
     return params(setok_dir, 'straight')
 
 
 def test_resume_is_bit_identical(world, setok_dir, straight):
     run(world, setok_dir, 'split', 'stage2_max_iters=2', 'llm_batch_size=8', *COMMON)
-    run(world, setok_dir, 'split', 'stage2_max_iters=4', 'llm_batch_size=8', 'init_from=resume', *COMMON)
+    r = run(world, setok_dir, 'split', 'stage2_max_iters=4', 'llm_batch_size=8', 'init_from=resume', *COMMON)
+    assert 'with changed settings: stage2_max_iters 2 -> 4' in r.stdout      # allowed, and said
     b = params(setok_dir, 'split')
     for k in straight:
         assert torch.equal(straight[k], b[k]), k

@@ -53,7 +53,8 @@ def test_resume_is_bit_identical(world, tmp_path):
     common = ['batch_size=4', 'lr_decay_iters=8', 'eval_interval=4']
     run(world, tmp_path / 'straight', 'max_iters=8', *common)
     run(world, tmp_path / 'split', 'max_iters=4', *common)
-    run(world, tmp_path / 'split', 'max_iters=8', 'init_from=resume', *common)
+    r = run(world, tmp_path / 'split', 'max_iters=8', 'init_from=resume', *common)
+    assert 'with changed settings: max_iters 4 -> 8' in r.stdout                # allowed, and said
     a, b = params(tmp_path / 'straight'), params(tmp_path / 'split')
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -89,3 +90,6 @@ def test_bad_resume_and_shape_mismatch_are_one_line_errors(world, tmp_path):
     run(world, tmp_path / 'm', 'max_iters=1', 'eval_interval=1', 'batch_size=4')
     r = run(world, tmp_path / 'm', 'eval_only=True', 'dim=64', check=False)
     assert r.returncode == 2 and 'dim=32' in r.stderr and 'Traceback' not in r.stderr
+    # a resume checks what it resumes: another batch size would be another run
+    r = run(world, tmp_path / 'm', 'max_iters=2', 'init_from=resume', 'batch_size=8', check=False)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'cannot resume' in r.stderr and 'batch_size=4 (now 8)' in r.stderr
