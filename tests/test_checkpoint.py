@@ -1,8 +1,8 @@
 """A checkpoint is data, never code (checkpoint.py), on real tiny train_setok.py runs: a checkpoint whose
-pickle would run code is refused before anything in it runs; one writer per run folder; SIGKILL at any
-moment of a run that saves at every step leaves a loadable checkpoint, and the next run takes over the
-killed run's lock and clears its save's temporary file. (What a resume checks: test_train_setok.py
-and test_setokim.py.)"""
+pickle would run code is refused before anything in it runs; one writer per run folder; SIGKILL during
+saves, repeated, always leaves a whole checkpoint; a run killed while saving at every step resumes, and
+the next run takes over its lock and clears its temporary files. (What a resume checks:
+test_train_setok.py and test_setokim.py.)"""
 import os
 import random
 import signal
@@ -102,18 +102,46 @@ def test_one_writer_per_run_folder_and_a_stale_lock_is_taken_over(world, tmp_pat
     assert (out / '.lock').exists()                 # a killed run cannot remove its lock (the kill test takes one over)
 
 
-def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(world, tmp_path):
-    out, rng, last = tmp_path / 'kill', random.Random(0), 0
-    for i in range(2):
-        p = start(world, out, 'max_iters=100000', 'eval_interval=1', 'eval_images=4',   # a save at every step
-                  *(['init_from=resume'] if i else []))
-        wait_for(out / 'ckpt.pt', p)
-        time.sleep(rng.uniform(0.2, 1.5))
+SAVER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from common import atomic_save
+big = torch.arange(4_000_000, dtype=torch.float32)  # 16 MB: most of the loop's time is inside the save
+i = 0
+while True:
+    atomic_save({{'kind': 'setok', 'step': i, 'x': big + i}}, sys.argv[1])
+    i += 1
+    if i == 1:
+        open(sys.argv[1] + '.started', 'w').close()
+"""
+
+
+def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
+    """A process that does nothing but save, killed at random moments (most of them inside a save):
+    the checkpoint is always a whole one."""
+    rng = random.Random(1)
+    path = tmp_path / 'ckpt.pt'
+    for _ in range(3):
+        p = subprocess.Popen([sys.executable, '-c', SAVER.format(root=ROOT), str(path)])
+        wait_for(str(path) + '.started', p)
+        time.sleep(rng.uniform(0.05, 0.6))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        ck = load_checkpoint(str(out / 'ckpt.pt'), kind='setok')
-        assert ck['step'] >= last
-        last = ck['step']
+        ck = load_checkpoint(str(path), kind='setok')
+        assert torch.equal(ck['x'], torch.arange(4_000_000, dtype=torch.float32) + ck['step'])   # whole, and one save's
+        os.remove(str(path) + '.started')
+
+
+def test_a_run_killed_while_saving_at_every_step_resumes(world, tmp_path):
+    """SIGKILL at a random moment of a real run that saves at every step: its checkpoint loads, and the
+    next run takes over the killed run's lock, clears its temporary files and resumes."""
+    out = tmp_path / 'kill'
+    p = start(world, out, 'max_iters=100000', 'eval_interval=1', 'eval_images=4')     # a save at every step
+    wait_for(out / 'ckpt.pt', p)
+    time.sleep(random.Random(0).uniform(0.2, 1.5))
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    last = load_checkpoint(str(out / 'ckpt.pt'), kind='setok')['step']
     r = run(world, out, f'max_iters={last + 1}', 'eval_interval=1', 'init_from=resume')
     assert f'taking over {out / ".lock"}' in r.stdout                           # the killed run's lock
     assert load_checkpoint(str(out / 'ckpt.pt'))['step'] == last + 1
