@@ -18,33 +18,31 @@ file names (os.system included), so every load is torch.load(weights_only=True):
 plain Python values (dicts, lists, tuples, str, int, float, bool, None) come back, and a file that
 names anything else is refused with a one-line error before anything in it runs. Everything our
 checkpoints hold is of those kinds: numpy's RNG state is stored as a tensor (rng_state). Checkpoints
-written before that hold numpy arrays; they still load, through an explicit allowlist of numpy's
-array constructor and types (NUMPY_ARRAYS), which build arrays and call nothing else.
+written before that hold numpy arrays, which such a load does not build: they are refused with a
+line that says to retrain.
 
 A checkpoint is a dict with a 'kind' ('setok' or 'setokim'), the model's state dict and the configs
 that rebuild the model; a training checkpoint adds the optimizer, the step, the RNG states, the run's
 settings ('config') and, for streamed data, the loader's position ('data').
 """
 import atexit
+import fcntl
 import json
 import os
 import pickle
 import random
 import socket
+import sys
 import time
 
 import numpy as np
 import torch
 
-from common import atomic_save, die
+from common import as_list, atomic_save, die, sweep_tmp
 from data.text import TextTokenizer
 from detok import DetokConfig, Detokenizer
 from setok import SeTok, SeTokConfig
 from setokim import SETOKIM, GPTConfig
-
-
-NUMPY_ARRAYS = [getattr(np, '_core', None) and np._core.multiarray._reconstruct or np.core.multiarray._reconstruct,
-                np.ndarray, np.dtype, type(np.dtype(np.uint32))]     # the last: the uint32 dtype's class
 
 
 def save_checkpoint(obj, path):
@@ -57,12 +55,14 @@ def load_checkpoint(path, kind=None, what='checkpoint'):
     if not os.path.isfile(path):
         die(f"{what} {path} not found; train one first or pass its path")
     try:
-        with torch.serialization.safe_globals(NUMPY_ARRAYS):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         why = next((l.strip() for l in str(e).splitlines() if 'GLOBAL' in l or 'Can only build' in l), None)
         if why is None:                                                     # not a pickle of ours at all
             die(f"{path} is not a readable checkpoint (UnpicklingError); pass a file written by nanoSeTok")
+        if 'numpy' in why:                                                  # what older nanoSeTok checkpoints hold
+            die(f"{path} was written by an older nanoSeTok (it holds numpy arrays, which a safe load does not "
+                f"build); retrain it with this code")
         die(f"{path} is refused: it holds more than tensors and plain values, and loading it would run code "
             f"({why[:160]}); load only checkpoints written by nanoSeTok")
     except Exception as e:
@@ -98,7 +98,9 @@ def check_resume(path, ck, now, keys, ignore=('init_from', 'eval_only')):
     (exit 2). Any other setting may change on purpose (a longer max_iters, another eval interval or
     learning rate); the changes are said in one line. now: this run's settings, and what the
     checkpoint keeps under 'run' (the number of processes, the data's identity)."""
-    saved = {**ck.get('config', {}), **ck.get('run', {})}
+    norm = lambda v: as_list(v) if isinstance(v, list) else v               # 'a,b' and ['a', 'b'] are one list
+    saved = {k: norm(v) for k, v in {**ck.get('config', {}), **ck.get('run', {})}.items()}
+    now = {k: norm(v) for k, v in now.items()}
     bad = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in keys if k in saved and k in now and saved[k] != now[k]]
     if bad:
         die(f"cannot resume {path}: it was made with {', '.join(bad)}; resume with the same settings, or start "
@@ -124,83 +126,59 @@ def set_rng_state(state):
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(state['python'])
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        for i, s in enumerate(state['cuda'][:torch.cuda.device_count()]):   # as many GPUs as are visible now
+            torch.cuda.set_rng_state(s, i)
 
 
 # -----------------------------------------------------------------------------
 # one writer per run folder
 
-def _started(pid):
-    """When process pid started (clock ticks since boot, from /proc), or None where /proc is not there."""
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            return int(f.read().rsplit(')', 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _alive(other):
-    """Is the process that wrote lock record `other` still running? (A pid reused by another process
-    has another start time.) A lock from another host cannot be checked: taken as alive."""
-    if other.get('host') != socket.gethostname():
-        return True
-    try:
-        os.kill(int(other['pid']), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return other.get('started') is None or _started(other['pid']) == other['started']
-
-
 class RunLock:
-    """folder/.lock names the process writing into a run folder (pid, host, start, command). A second
-    run meets it with a one-line error naming that process; a lock left by a killed run (its process
-    gone) is taken over. Taking the lock also removes the temporary files that killed saves left
-    (common.atomic_save's *.tmp). The lock goes when the process exits (atexit)."""
+    """One writer per run folder: an exclusive flock on folder/.lock, held for the life of the process.
+    The kernel drops it when the process ends, however it ends (SIGKILL included), so a killed run never
+    blocks the next one; the file also names its holder (pid, host, start, command) for the message a
+    second run meets. A record left in the file by a run that did not exit cleanly is reported as taken
+    over. Taking the lock also removes the temporary files of saves that killed runs left (sweep_tmp)."""
 
     def __init__(self, folder):
-        self.folder, self.path = folder, os.path.join(folder, '.lock')
-        os.makedirs(folder, exist_ok=True)
-        me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': _started(os.getpid()),
-              'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'command': ' '.join(os.sys.argv)[:200]}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    with open(self.path) as f:
-                        other = json.load(f)
-                except (OSError, ValueError):
-                    other = {}                       # half-written by a process killed at that moment
-                if other and _alive(other):
-                    die(f"{folder} is in use by another run (pid {other['pid']} on {other['host']}, since "
-                        f"{other.get('time')}: {other.get('command', '')}); wait for it, use another out_dir, or "
-                        f"delete {self.path} if no such run exists")
-                print(f"note: taking over {self.path}, left by a run that is gone (pid {other.get('pid')})", flush=True)
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, 'w') as f:
-                json.dump(me, f)
-            break
-        else:
-            die(f"could not take {self.path}; delete it if no run is writing into {folder}")
-        for name in os.listdir(folder):              # saves that a kill interrupted
-            if name.endswith('.tmp'):
-                os.remove(os.path.join(folder, name))
+        self.path = os.path.join(folder, '.lock')
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self.file = open(self.path, 'a+')
+        except OSError as e:
+            die(f"cannot write into {folder} ({e.strerror}); choose an out_dir you can write to")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = self._record()
+            die(f"{folder} is in use by another run (pid {other.get('pid')} on {other.get('host')}, since "
+                f"{other.get('time')}: {other.get('command', '')}); wait for it or use another out_dir")
+        other = self._record()
+        if other.get('pid') not in (None, os.getpid()):
+            print(f"note: taking over {self.path}, left by a run that ended without releasing it (pid {other['pid']})",
+                  flush=True)
+        self.file.seek(0)
+        self.file.truncate()
+        json.dump({'pid': os.getpid(), 'host': socket.gethostname(), 'time': time.strftime('%Y-%m-%d %H:%M:%S'),
+                   'command': ' '.join(sys.argv)[:200]}, self.file)
+        self.file.flush()
+        sweep_tmp(folder)
         atexit.register(self.release)
 
-    def release(self):
+    def _record(self):
         try:
-            with open(self.path) as f:
-                mine = json.load(f).get('pid') == os.getpid()
-            if mine:
-                os.remove(self.path)
-        except (OSError, ValueError):
-            pass
+            self.file.seek(0)
+            rec = json.loads(self.file.read() or '{}')
+            return rec if isinstance(rec, dict) else {}
+        except ValueError:
+            return {}
+
+    def release(self):
+        """A clean exit empties the record (the kernel drops the flock itself)."""
+        if not self.file.closed and self._record().get('pid') == os.getpid():
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.flush()
 
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,8 @@ The plumbing that every nanoSeTok script shares, written once:
   adamw(...)         AdamW with weight decay on the matrices only
   setup_ddp(), wrap_ddp(...), gather_all(...)   torchrun-aware DistributedDataParallel (nccl / gloo)
   timed_step(...)    the time and peak GPU memory of one training step (bench.py's smoke row)
-  atomic_save(...)   torch.save that a kill cannot corrupt (checkpoint.py and the token cache use it)
+  atomic_save(...)   torch.save that a kill cannot corrupt (checkpoint.py and the token cache use it);
+                     sweep_tmp, pid_alive, sha1_file
   RunLog, plot_curves   a run's metrics as JSON lines (log.jsonl) and a picture of their curves
   Progress           a tqdm bar on a terminal, a plain line every log_interval steps in a file
   lr_at(...)         linear warmup then cosine decay
@@ -16,6 +17,7 @@ The plumbing that every nanoSeTok script shares, written once:
 """
 import colorsys
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -275,22 +277,61 @@ def gather_all(x, grad=True):
 # files, logs and progress
 
 def atomic_save(obj, path):
-    """torch.save that a kill cannot corrupt: write a temporary file, fsync it, rename it over `path`
-    (the previous file stays intact until the rename), and fsync the folder so that the rename itself
-    survives a crash. Checkpoints and the token cache."""
+    """torch.save that a kill cannot corrupt: write a temporary file (<path>.<pid>.tmp), fsync it,
+    rename it over `path` (the previous file stays intact until the rename), and fsync the folder so
+    that the rename itself survives a crash. Checkpoints and the token cache. A failed write (a full
+    disk) is a one-line error that says the previous file is intact."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        die(f"could not write {path} ({e.strerror or type(e).__name__}); "
+            f"{'the previous one is intact' if os.path.exists(path) else 'nothing was written'}: free space and resume")
+
+
+def sweep_tmp(folder):
+    """Remove the temporary files (<name>.<pid>.tmp) that saves killed midway left in `folder`: those
+    whose process is gone (a live one may still be writing its file)."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        pid = name.rsplit('.', 2)[-2] if name.endswith('.tmp') and name.count('.') >= 2 else ''
+        if pid.isdigit() and not pid_alive(int(pid)):
+            try:
+                os.remove(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+
+
+def pid_alive(pid):
+    """Is process pid running (on this machine)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sha1_file(path):
+    """A sha1 hasher fed with a file's bytes, read 1 MB at a time (.hexdigest(): the file's identity)."""
+    h = hashlib.sha1()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h
 
 
 class RunLog:

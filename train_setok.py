@@ -381,7 +381,7 @@ if __name__ == '__main__':
     if not os.path.isfile(sp_file):
         die(f"{world_dir} has no tokenizer.model; prepare (or convert) the world again")
     sp = spm.SentencePieceProcessor(model_file=sp_file)
-    run = {'processes': world, 'data': world_settings(world_dir)}          # with config: what check_resume compares
+    run = {'processes': world, 'data': [world_settings(d) for d in (stream or [world_dir])]}   # + config: check_resume's
     if ck is not None and not eval_only:
         check_resume(ckpt_path, ck, {**config, **run}, RUN_KEYS)
     if stream:

@@ -48,7 +48,7 @@ import torch
 from checkpoint import (RunLock, check_config, check_resume, load_checkpoint, load_setok, load_weights, rng_state,
                         save_checkpoint, set_rng_state)
 from common import (HERE, Progress, RunLog, adamw, as_list, compile_on, configure, die, lr_at, parse_args, peak_flops,
-                    pick_device, plot_curves, setup_ddp, wrap_ddp)
+                    pick_device, plot_curves, setup_ddp, sha1_file, wrap_ddp)
 from data.conversations import (STREAM_TASKS, TASKS, CachedBatches, StreamedBatches, conversation_loader, load_world,
                                 parse_repeat, stage_rows, token_cache, token_stats)
 from data.shapes.prepare import prepare
@@ -128,7 +128,7 @@ STAGE_TASKS = {1: ('caption', 't2i'), 2: TASKS}
 STREAM_STAGE_TASKS = {1: ('caption', 't2i'), 2: STREAM_TASKS}
 NORM_IMAGES = 1024                # data_dirs: SeTok tokens of this many train images set SETOKIM's token statistics
 RUN_KEYS = ('data_dir', 'data_dirs', 'data_weights', 'task_repeat', 'llm_batch_size', 'llm_grad_accum', 'llm_pack_rows',
-            'seed', 'tokenizer', 'grid_size', 'text_tokenizer', 'processes', 'data', 'token_cache')   # check_resume's
+            'seed', 'tokenizer', 'grid_size', 'text_tokenizer', 'processes', 'data', 'setok')   # check_resume's
 FORWARD = ('out_dir', 'data_dir', 'data_dirs', 'data_weights', 'num_workers', 'log_interval', 'seed', 'device', 'dtype',
            'compile', 'threads')  # the settings train_setok.py shares, passed on when it trains SeTok first
 
@@ -219,7 +219,8 @@ if not stream:
         die(f"{world_dir} holds {cache['test']['images'].shape[1]}px images but the SeTok checkpoint wants "
             f"{setok.cfg.image_size}px; use the world it was trained on (data_dir=...)")
     train, test, longest = load_world(world_dir, tok, cache, vis_id, block_size)
-run = {'processes': world, 'data': world_settings(world_dir), 'token_cache': cache_path and os.path.basename(cache_path)}
+run = {'processes': world, 'data': [world_settings(d) for d in (stream or [world_dir])],
+       'setok': sha1_file(setok_path).hexdigest()[:12]}              # the frozen SeTok's identity
 
 # ---- the model: its special-token ids come from the text tokenizer, its token statistics from the data
 gcfg = GPTConfig(vocab_size=tok.vocab_size + 1, block_size=block_size, **llm_shape, token_dim=setok.cfg.token_dim,

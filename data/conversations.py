@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import as_list, atomic_save, die
+from common import as_list, atomic_save, die, sha1_file, sweep_tmp
 from data.batch import Bank, collate, encode_conversation, loss_counts, pack
 from data.order import DataOrder
 from data.stream import StreamingLoader, WorldDataset, line_tasks
@@ -45,10 +45,7 @@ CACHE_VERSION = 1                 # bump when what the cache holds changes
 # SeTok's tokens of every image, once
 
 def cache_file(setok_path, overrides, world_dir):
-    h = hashlib.sha1()
-    with open(setok_path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
+    h = sha1_file(setok_path)                          # the checkpoint's bytes, then the settings
     h.update(json.dumps({'overrides': overrides, 'world': world_settings(world_dir), 'version': CACHE_VERSION},
                         sort_keys=True).encode())
     name = os.path.splitext(os.path.basename(setok_path))[0]
@@ -83,6 +80,8 @@ def build_split_cache(tokenize, world_dir, split, dev, batch_size=256):
 def token_cache(tokenize, setok_path, overrides, world_dir, dev, master, ddp, batch_size=256):
     """The token cache of a world (built by rank 0 when missing, the others wait) and its path."""
     path = cache_file(setok_path, overrides, world_dir)
+    if master:
+        sweep_tmp(os.path.dirname(path))                                    # cache builds that a kill interrupted
     if master and not os.path.isfile(path):
         t0 = time.time()
         cache = {split: build_split_cache(tokenize, world_dir, split, dev, batch_size) for split in ('train', 'test')}

@@ -76,17 +76,15 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(world, tmp
         assert not marker.exists()
 
 
-def test_a_checkpoint_of_the_older_format_still_loads(tmp_path):
-    """Before rng_state stored numpy's state as a tensor, checkpoints held numpy arrays: they load
-    through the explicit allowlist, and their RNG state restores."""
-    from checkpoint import set_rng_state
+def test_a_checkpoint_of_the_older_format_is_refused_with_a_line_that_says_retrain(tmp_path, capsys):
+    """Before rng_state stored numpy's state as a tensor, checkpoints held numpy arrays, which a
+    weights_only load does not build (numpy's array constructor is no safe global to allow)."""
     np.random.seed(3)
-    old = {'kind': 'setok', 'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}}
-    torch.save(old, tmp_path / 'old.pt')
-    want = np.random.rand(3)
-    ck = load_checkpoint(str(tmp_path / 'old.pt'))
-    set_rng_state(ck['rng'])
-    assert np.array_equal(np.random.rand(3), want)
+    torch.save({'kind': 'setok', 'rng': {'numpy': np.random.get_state()}}, tmp_path / 'old.pt')
+    with pytest.raises(SystemExit) as e:
+        load_checkpoint(str(tmp_path / 'old.pt'))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'older nanoSeTok' in err and 'retrain' in err
 
 
 def test_one_writer_per_run_folder_and_a_stale_lock_is_taken_over(world, tmp_path):
@@ -146,4 +144,4 @@ def test_a_run_killed_while_saving_at_every_step_resumes(world, tmp_path):
     assert f'taking over {out / ".lock"}' in r.stdout                           # the killed run's lock
     assert load_checkpoint(str(out / 'ckpt.pt'))['step'] == last + 1
     assert not [f for f in os.listdir(out) if f.endswith('.tmp')], os.listdir(out)
-    assert not (out / '.lock').exists()                                          # released at exit
+    assert (out / '.lock').read_text() == ''                                     # released at exit
