@@ -68,7 +68,7 @@ from data.conversations import TASKS
 from data.shapes.prepare import ensure_world
 from data.text import TextTokenizer
 from detok import DetokConfig, Detokenizer, Tokenizer
-from pretrained import gpt2_shape, load_gpt2, load_vit, pretrained_config, pretrained_weights, vit_shape
+from pretrained import gpt2_shape, init_gpt2, init_vit, pretrained_config, vit_shape
 from setok import MLP, SeTok, SeTokConfig, TokenMerger, ViT, density_peak_cluster, pos_embed_2d
 from setokim import SETOKIM, GPTConfig
 
@@ -609,10 +609,7 @@ def smoke_setok(s, dev, ctx):
     tok = SmokeText(SMOKE_TEXT_VOCAB['sentencepiece'])   # train_setok.py reads the world's sentencepiece model
     torch.manual_seed(seed)
     model = Tokenizer(scfg, dcfg, tok.vocab_size, tok.pad, s)
-    if vit_init:
-        load_vit(model.setok.encoder, pretrained_weights(vit_init), vit_init)
-    if freeze_encoder:
-        model.setok.encoder.freeze()
+    init_vit(model.setok.encoder, vit_init, freeze_encoder)
     model = model.to(dev)
     count = lambda ps: sum(p.numel() for p in ps) / 1e6
     parts = {'encoder': model.setok.encoder, 'merger': model.setok.merger, 'detok': model.detok, 'text': model.text}
@@ -646,17 +643,14 @@ def smoke_setokim(s, gpt2, shape, dev, ctx):
     shape (token width, patch grid, tokens per image) comes from the settings."""
     tok = SmokeText(SMOKE_TEXT_VOCAB[text_tokenizer])
     grid = s['image_size'] // s['patch_size']
-    gcfg = GPTConfig(vocab_size=tok.vocab_size + 1, block_size=block_size, **shape, token_dim=s['token_dim'],
-                     grid=grid, image_size=s['image_size'], mask_dim=mask_dim, mask_depth=mask_depth,
-                     mask_n_head=mask_n_head, mask_refine=mask_refine, img_id=tok.img, img_end_id=tok.img_end,
-                     seg_id=tok.seg, eos_id=tok.eos, pad_id=tok.pad)      # the special ids: the tokenizer's
+    gcfg = GPTConfig.for_tokenizer(tok, block_size=block_size, **shape, token_dim=s['token_dim'], grid=grid,
+                                   image_size=s['image_size'], mask_dim=mask_dim, mask_depth=mask_depth,
+                                   mask_n_head=mask_n_head, mask_refine=mask_refine)   # the special ids: the tokenizer's
     torch.manual_seed(seed)
     model = SETOKIM(gcfg)
     weights = ''
     if gpt2:
-        n_pos = load_gpt2(model.gpt, pretrained_weights(gpt2), gpt2)
-        weights = f"GPT-2 weights from {gpt2}" + (f"; positions {n_pos}..{block_size - 1} start random (GPT-2 has "
-                                                  f"{n_pos})" if block_size > n_pos else '')
+        weights = init_gpt2(model.gpt, gpt2)
         print(weights, flush=True)
     model = model.to(dev)
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6

@@ -144,6 +144,23 @@ def gpt2_shape(hf):
 
 
 @torch.no_grad()
+def init_gpt2(gpt, folder):
+    """GPT-2's weights from a Hugging Face folder into `gpt` -> the one line that says so."""
+    n_pos = load_gpt2(gpt, pretrained_weights(folder), folder)
+    block = gpt.cfg.block_size
+    return f"GPT-2 weights from {folder}" + (f"; positions {n_pos}..{block - 1} start random (GPT-2 has {n_pos})"
+                                             if block > n_pos else '')
+
+
+def init_vit(vit, folder, freeze=False):
+    """A ViT's weights from a CLIP / SigLIP folder ('' = keep them as they are), then frozen if asked
+    (the paper's frozen encoder)."""
+    if folder:
+        load_vit(vit, pretrained_weights(folder), folder)
+    if freeze:
+        vit.freeze()
+
+
 def load_gpt2(gpt, sd, path=''):
     """Hugging Face GPT-2 weights `sd` (pretrained_weights) into `gpt`, built with gpt2_shape.
     Returns GPT-2's number of positions; block_size rows past it keep their random init."""

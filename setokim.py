@@ -64,7 +64,7 @@ class GPTConfig:
     mask_n_head: int = 4
     mask_refine: bool = True   # a per-patch correction on top of the exact label gather
     # ids of the text tokenizer's special tokens, used while generating: always set from the tokenizer
-    # (train_setokim.py builds the GPTConfig); -1 = not set
+    # (GPTConfig.for_tokenizer); -1 = not set
     img_id: int = -1
     img_end_id: int = -1
     seg_id: int = -1
@@ -74,6 +74,13 @@ class GPTConfig:
     @property
     def vis_id(self):
         return self.vocab_size - 1
+
+    @classmethod
+    def for_tokenizer(cls, tok, **fields):
+        """A GPTConfig whose vocabulary and special-token ids are the text tokenizer's (data/text.py),
+        plus one row for VIS."""
+        return cls(vocab_size=tok.vocab_size + 1, img_id=tok.img, img_end_id=tok.img_end, seg_id=tok.seg,
+                   eos_id=tok.eos, pad_id=tok.pad, **fields)
 
 
 class GPT(nn.Module):

@@ -38,7 +38,7 @@ from data.shapes.prepare import prepare
 from data.stream import StreamingLoader
 from data.world import load_split, resolve_world, world_settings, world_splits
 from detok import DetokConfig, Tokenizer, psnr
-from pretrained import load_vit, pretrained_config, pretrained_weights, vit_shape
+from pretrained import init_vit, pretrained_config, vit_shape
 from setok import SeTokConfig, grid_labels
 
 # -----------------------------------------------------------------------------
@@ -321,10 +321,7 @@ def build_model(scfg, dcfg, sp, ck=None):
     if ck is not None:
         check_config(ckpt_path, {**asdict(SeTokConfig()), **ck['setok_config']}, {k: asdict(scfg)[k] for k in VIT_KEYS},
                      fix="pass the vit_init it was trained with")
-    elif vit_init:
-        load_vit(model.setok.encoder, pretrained_weights(vit_init), vit_init)
-    if freeze_encoder:
-        model.setok.encoder.freeze()
+    init_vit(model.setok.encoder, '' if ck is not None else vit_init, freeze_encoder)
     return model
 
 

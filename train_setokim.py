@@ -55,7 +55,7 @@ from data.shapes.prepare import prepare
 from data.text import TextTokenizer, tiktoken_gpt2
 from data.world import resolve_world, world_settings, world_splits
 from eval_setokim import Eval, evaluate, fmt, stat_vector, stream_losses
-from pretrained import gpt2_shape, load_gpt2, pretrained_config, pretrained_weights
+from pretrained import gpt2_shape, init_gpt2, pretrained_config
 from setokim import SETOKIM, GPTConfig, setok_tokens
 
 # -----------------------------------------------------------------------------
@@ -200,6 +200,7 @@ setok, detok, _ = load_setok(setok_path, dev, **overrides)
 for p in [*setok.parameters(), *detok.parameters()]:
     p.requires_grad_(False)
 tokenize = partial(setok_tokens, setok, ctx=ctx)   # images -> SeTok's tokens in reading order (setokim.py)
+setok_hash = sha1_file(setok_path)                 # its identity: the token cache's name, what a resume checks
 
 # ---- the text tokenizer and the data: the shapes world with SeTok's tokens of every image cached, or
 # with data_dirs the worlds streamed (SeTok runs inside the training step)
@@ -214,26 +215,25 @@ vis_id = tok.vocab_size                            # the extra vocabulary row: "
 t0 = time.time()
 cache_path = None                                  # streamed: no token cache
 if not stream:
-    cache, cache_path = token_cache(tokenize, setok_path, overrides, world_dir, dev, master, ddp, cache_batch_size)
+    cache, cache_path = token_cache(tokenize, setok_path, setok_hash, overrides, world_dir, dev, master, ddp,
+                                    cache_batch_size)
     if cache['test']['images'].shape[1] != setok.cfg.image_size:
         die(f"{world_dir} holds {cache['test']['images'].shape[1]}px images but the SeTok checkpoint wants "
             f"{setok.cfg.image_size}px; use the world it was trained on (data_dir=...)")
     train, test, longest = load_world(world_dir, tok, cache, vis_id, block_size)
 run = {'processes': world, 'data': [world_settings(d) for d in (stream or [world_dir])],
-       'setok': sha1_file(setok_path).hexdigest()[:12]}              # the frozen SeTok's identity
+       'setok': setok_hash.hexdigest()[:12]}
 
 # ---- the model: its special-token ids come from the text tokenizer, its token statistics from the data
-gcfg = GPTConfig(vocab_size=tok.vocab_size + 1, block_size=block_size, **llm_shape, token_dim=setok.cfg.token_dim,
-                 grid=setok.grid, image_size=setok.cfg.image_size, mask_dim=mask_dim, mask_depth=mask_depth,
-                 mask_n_head=mask_n_head, mask_refine=mask_refine, img_id=tok.img, img_end_id=tok.img_end,
-                 seg_id=tok.seg, eos_id=tok.eos, pad_id=tok.pad)
+gcfg = GPTConfig.for_tokenizer(tok, block_size=block_size, **llm_shape, token_dim=setok.cfg.token_dim, grid=setok.grid,
+                               image_size=setok.cfg.image_size, mask_dim=mask_dim, mask_depth=mask_depth,
+                               mask_n_head=mask_n_head, mask_refine=mask_refine)
 torch.manual_seed(seed)
 model = SETOKIM(gcfg)
 if pretrained:
-    n_pos = load_gpt2(model.gpt, pretrained_weights(pretrained), pretrained)
+    note = init_gpt2(model.gpt, pretrained)
     if master:
-        print(f"GPT-2 weights from {pretrained}" + (f"; positions {n_pos}..{block_size - 1} start random (GPT-2 has "
-              f"{n_pos})" if block_size > n_pos else ''), flush=True)
+        print(note, flush=True)
 if stream:
     mean, std, nt = token_stats(stream, setok.cfg.image_size, tokenize, NORM_IMAGES, cache_batch_size, seed, num_workers, dev)
 else:
@@ -296,7 +296,6 @@ weights = dict(ce_weight=ce_weight, reg_weight=reg_weight, mask_weight=mask_weig
 stages = [stage] if stage else [1, 2]
 if stage == 0 and init_from == 'resume' and os.path.isfile(ckpt_path[2]):
     stages = [2]                                   # stage 1 is behind us
-log = None
 for s in stages:
     max_iters = stage1_max_iters if s == 1 else stage2_max_iters
     opt = adamw(model.parameters(), llm_learning_rate, llm_weight_decay, (llm_beta1, llm_beta2))
@@ -320,7 +319,7 @@ for s in stages:
             print(f"stage {s}: already at step {step} >= {max_iters}, nothing to do")
         continue
 
-    # the stage's batches: batches(step) -> this rank's micro-batches and the loss counts (data/conversations.py)
+    # the stage's batches: batches(step, dev) -> this rank's micro-batches and the loss counts (data/conversations.py)
     if stream:
         loader = conversation_loader(stream, 'train', STREAM_STAGE_TASKS[s], setok.cfg.image_size, tok.model, vis_id,
                                      llm_batch_size, (seed, s), rank, world, data_weights, num_workers,
@@ -348,7 +347,7 @@ for s in stages:
         lr = lr_at(step, llm_learning_rate, llm_warmup_iters, llm_lr_decay_iters or max_iters, llm_min_lr_ratio)
         for g in opt.param_groups:
             g['lr'] = lr
-        micro_batches, counts = batches(step, dev) if stream else batches(step)
+        micro_batches, counts = batches(step, dev)
         if batches.local_counts and ddp:           # each rank counted its own conversations: sum them
             counts = torch.tensor(counts, dtype=torch.float64, device=dev)
             torch.distributed.all_reduce(counts)

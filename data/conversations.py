@@ -5,7 +5,7 @@ conversations tokenised once into Packed arrays (data.batch.pack); and, for conv
 Nothing here imports a model: the caller hands in `tokenize` (images -> SeTok's tokens in reading
 order, setokim.setok_tokens with the frozen SeTok bound to it).
 
-    cache, path = token_cache(tokenize, setok_path, overrides, world_dir, dev, master, ddp, batch_size)
+    cache, path = token_cache(tokenize, setok_path, setok_hash, overrides, world_dir, dev, master, ddp, batch_size)
     train = conversations(world_dir, 'train', tok, cache['train'], vis_id)    # {'P', 'convs', 'task', ...}
     bank = make_bank(cache['train'])                                          # data.batch.Bank: rows of tokens
 
@@ -14,7 +14,6 @@ count and the patch labels are computed once, up front, and stored next to the S
 setokim_cache/<ckpt name>-<tokenizer>-<hash>.pt (the hash covers the checkpoint's bytes, the tokenizer
 setting and the world's settings, so a retrained SeTok or another world never reads a stale cache).
 """
-import hashlib
 import itertools
 import json
 import os
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import as_list, atomic_save, die, sha1_file, sweep_tmp
+from common import as_list, atomic_save, die, sweep_tmp
 from data.batch import Bank, collate, encode_conversation, loss_counts, pack
 from data.order import DataOrder
 from data.stream import StreamingLoader, WorldDataset, line_tasks
@@ -44,8 +43,9 @@ CACHE_VERSION = 1                 # bump when what the cache holds changes
 # -----------------------------------------------------------------------------
 # SeTok's tokens of every image, once
 
-def cache_file(setok_path, overrides, world_dir):
-    h = sha1_file(setok_path)                          # the checkpoint's bytes, then the settings
+def cache_file(setok_path, setok_hash, overrides, world_dir):
+    """The cache's path. setok_hash: common.sha1_file of the SeTok checkpoint (a copy is extended)."""
+    h = setok_hash.copy()                              # the checkpoint's bytes, then the settings
     h.update(json.dumps({'overrides': overrides, 'world': world_settings(world_dir), 'version': CACHE_VERSION},
                         sort_keys=True).encode())
     name = os.path.splitext(os.path.basename(setok_path))[0]
@@ -77,9 +77,9 @@ def build_split_cache(tokenize, world_dir, split, dev, batch_size=256):
     return out
 
 
-def token_cache(tokenize, setok_path, overrides, world_dir, dev, master, ddp, batch_size=256):
+def token_cache(tokenize, setok_path, setok_hash, overrides, world_dir, dev, master, ddp, batch_size=256):
     """The token cache of a world (built by rank 0 when missing, the others wait) and its path."""
-    path = cache_file(setok_path, overrides, world_dir)
+    path = cache_file(setok_path, setok_hash, overrides, world_dir)
     if master:
         sweep_tmp(os.path.dirname(path))                                    # cache builds that a kill interrupted
     if master and not os.path.isfile(path):
@@ -265,7 +265,7 @@ def widen(b, ntok, off, seg_id, max_len):
 
 
 # -----------------------------------------------------------------------------
-# training batches of a stage, one object per data source; batches(step) -> (micro-batches of this
+# training batches of a stage, one object per data source; batches(step, dev) -> (micro-batches of this
 # rank, loss counts). Each loss term is a mean over the GLOBAL batch (its sum on a micro-batch divided
 # by the global count), so the loss is the same whatever the batch is split into. `local_counts` says
 # whether the counts are this rank's own (the training script then sums them over ranks).
@@ -281,7 +281,7 @@ class CachedBatches:
         self.B, self.world, self.rank, self.accum = batch_size, world, rank, accum
         self.order = DataOrder([len(rows)], seed=seed)
 
-    def __call__(self, step):
+    def __call__(self, step, dev=None):                # dev: the streamed source tokenises there; unused here
         rows = self.rows[self.order.batch(step, self.B, self.world, self.accum)]         # (accum * world * B,)
         mine = rows.view(self.accum, self.world, self.B)[:, self.rank]                   # (accum, B)
         return ([collate(self.data['P'], self.data['bank'], r, self.tok, pack_rows=self.pack_rows) for r in mine],
