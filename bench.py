@@ -127,6 +127,10 @@ mask_dim = 128
 mask_depth = 2
 mask_n_head = 4
 mask_refine = True
+gen_head = 'diffusion'            # the writing head (train_setokim.py's settings)
+diff_width = 256
+diff_depth = 3
+copy_head = True
 text_tokenizer = 'sentencepiece'  # sentencepiece | gpt2: the id layout (and size) of the stand-in text vocabulary
 init_from = 'scratch'             # scratch | a GPT-2 folder (Hugging Face layout; its config.json fixes the llm_ shape)
 llm_batch_size = 32               # conversations per step on a GPU (on a CPU: one per task of the stage)
@@ -645,7 +649,8 @@ def smoke_setokim(s, gpt2, shape, dev, ctx):
     grid = s['image_size'] // s['patch_size']
     gcfg = GPTConfig.for_tokenizer(tok, block_size=block_size, **shape, token_dim=s['token_dim'], grid=grid,
                                    image_size=s['image_size'], mask_dim=mask_dim, mask_depth=mask_depth,
-                                   mask_n_head=mask_n_head, mask_refine=mask_refine)   # the special ids: the tokenizer's
+                                   mask_n_head=mask_n_head, mask_refine=mask_refine, gen_head=gen_head,
+                                   diff_width=diff_width, diff_depth=diff_depth, copy_head=copy_head)   # ids: the tokenizer's
     torch.manual_seed(seed)
     model = SETOKIM(gcfg)
     weights = ''
@@ -657,8 +662,9 @@ def smoke_setokim(s, gpt2, shape, dev, ctx):
     rows = [dict(row='smoke SETOKIM: parameters', figure=f"{count(model):.2f}M", target='-', ok=None, check='',
                  notes=f"GPT {count(model.gpt):.2f}M ({model.gpt.num_params() / 1e6:.2f}M without position embeddings; "
                        f"{shape['n_layer']} blocks of {shape['n_embd']}, vocabulary {gcfg.vocab_size}: text "
-                       f"{text_tokenizer}, specials, pad, VIS), in_proj {count(model.in_proj):.2f}M, out_proj "
-                       f"{count(model.out_proj):.2f}M, mask decoder {count(model.mask_decoder):.2f}M"
+                       f"{text_tokenizer}, specials, pad, VIS), in_proj {count(model.in_proj):.2f}M, {gen_head} head "
+                       f"{count(model.diff_head if gen_head == 'diffusion' else model.out_proj):.2f}M, mask decoder "
+                       f"{count(model.mask_decoder):.2f}M"
                        + (f"; {weights}" if weights else ''))]
     cuda, N, D = dev.startswith('cuda'), grid ** 2, s['token_dim']
     K = {'setok': s['max_tokens'], 'grid': s['grid_size'] ** 2, 'patch': N}[tokenizer]   # SeTok's most tokens
@@ -715,6 +721,7 @@ def table(results):
 
 if __name__ == '__main__':
     todo = split(rows, ROWS, 'rows')
+    split(gen_head, ('diffusion', 'mse'), 'gen_head')
     for name in split(shapes, tuple(SHAPES), 'shapes') + [ratio_shape]:
         if name not in SHAPES:
             die(f"ratio_shape={name}: choose from {', '.join(SHAPES)}")

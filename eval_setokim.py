@@ -11,11 +11,16 @@ SETOKIM's evaluation on the test split of the shapes world, greedy and batched, 
     refer    mIoU (mean of per-sample IoUs) and cIoU (total intersection / total union), pixels with
              logit > 0; the answer's [SEG] is forced (the prompt ends in it)
     write    text-to-image and editing: the answer's [Img] is forced and the model writes tokens until
-             [/Img]; PSNR of the detokenized image against the true one and per-object colour IoU (for
-             each true object: IoU of the pixels within 60/255 of its colour, output vs truth). Next to
-             them, SeTok's own reconstruction of the truth (the ceiling) and a baseline that writes no
-             tokens: for t2i the caption-only guess (each object averaged over its 3x3 cell, on the
-             train split's mean background), for editing the source image unchanged.
+             [/Img] (Eval.draw: the diffusion head's sampling settings, a fixed seed). What the judge
+             (data/shapes/judge.py) reads in the image, GenEval-style: for t2i the share of prompts
+             with every object of the caption (size, colour, shape, cell) and no other, object recall
+             and precision, counts, colour binding, positions; for editing success (the object
+             recoloured, removed or moved) and preservation (every other object as it was). Beside
+             them PSNR against the true image and per-object colour IoU (pixels within 60/255 of each
+             true object's colour, output vs truth). Each next to SeTok's own reconstruction of the
+             truth (the ceiling) and a baseline that writes no tokens: for t2i the caption-only guess
+             (each object averaged over its 3x3 cell, on the train split's mean background), for
+             editing the source image unchanged. The panel shows each prompt's image at three seeds.
 
 evaluate() runs the tasks asked for and draws the picture panel (samples.png); stream_losses() is the
 teacher-forced part for streamed real worlds (data_dirs), whose ground truth the other tasks need.
@@ -30,6 +35,7 @@ import torch
 from common import save_panel, to_uint8
 from data.batch import collate
 from data.conversations import KINDS, TASKS
+from data.shapes.judge import edit_target, judge, rates, score_edit, score_t2i
 from data.shapes.prepare import COLORS, caption_guess, parse_caption
 from detok import psnr
 from setokim import visual_tokens
@@ -53,9 +59,10 @@ def test_losses(sums):
 class Eval:
     """What every task needs: the model, the test split, and how to batch it."""
 
-    def __init__(self, model, detok, tok, test, ctx, dev, per_task=200, batch_size=64, pack_rows=True):
+    def __init__(self, model, detok, tok, test, ctx, dev, per_task=200, batch_size=64, pack_rows=True, seed=0, **sampling):
         self.model, self.detok, self.tok, self.test, self.ctx, self.dev = model, detok, tok, test, ctx, dev
-        self.per_task, self.batch_size, self.pack_rows = per_task, batch_size, pack_rows
+        self.per_task, self.batch_size, self.pack_rows, self.seed = per_task, batch_size, pack_rows, seed
+        self.sampling = sampling                    # how images are written: img_temperature, diff_steps, cfg_scale
 
     def rows(self, task):
         """per_task conversations of `task` spread evenly over the split (0: all of them)."""
@@ -70,15 +77,24 @@ class Eval:
         b = collate(self.test['P'], self.test['bank'], rows, self.tok, prompt_extra=prompt_extra, pack_rows=pack_rows)
         return {k: v.to(self.dev) for k, v in b.items()}
 
+    def draw(self, b, K, seed=0):
+        """Prompts b that end in [Img] -> the images the model writes (b, 3, H, W) in [0, 1] and their
+        token masks (b, K); seed picks the diffusion head's noise."""
+        g = torch.Generator(device=self.dev).manual_seed(self.seed + seed)
+        ids, vis = self.model.generate(b, max_new_tokens=K + 2, max_image_tokens=K, generator=g, **self.sampling)
+        toks, tmask = visual_tokens(ids, vis.float(), self.model.cfg.vis_id, K)
+        return self.detok(toks, tmask).float().clamp(0, 1), tmask
+
     def images(self, i):
         return self.test['images'][i].to(self.dev).permute(0, 3, 1, 2).float() / 255   # (b, 3, H, W) in [0, 1]
 
 
 def losses(ev, tasks):
     sums = torch.zeros(6)
-    for r in ev.chunks(torch.cat([ev.rows(t) for t in tasks])):
+    g = torch.Generator(device=ev.dev).manual_seed(ev.seed)   # the diffusion loss's noise: the same at every eval,
+    for r in ev.chunks(torch.cat([ev.rows(t) for t in tasks])):   # and the training RNG (which a resume restores) untouched
         with ev.ctx:
-            _, st = ev.model(ev.batch(r, pack_rows=ev.pack_rows))
+            _, st = ev.model(ev.batch(r, pack_rows=ev.pack_rows), cond_drop=0.0, generator=g)
         sums += stat_vector(st)
     return test_losses(sums)
 
@@ -139,16 +155,6 @@ def refer(ev, panel):
     return {'refer_miou': torch.cat(ious).mean().item() if ious else 0.0, 'refer_ciou': inter / max(1, union)}
 
 
-def edited_colours(objects, edit):
-    """The object colours of an edit's target: the source's with the edit applied."""
-    objs = [dict(o) for o in objects]
-    if edit and edit['op'] == 'recolor':
-        objs[edit['object'] - 1]['color'] = edit['color']
-    elif edit and edit['op'] == 'remove':
-        del objs[edit['object'] - 1]
-    return [o['color'] for o in objs]
-
-
 def colour_iou(pred, target, colours, valid, tau=60 / 255):
     """Per object: IoU between the pixels within tau (RGB distance) of its colour in pred and in
     target. pred, target (B,3,H,W) in [0,1]; colours (B,O,3) in [0,1]; valid (B,O) -> (B,O)."""
@@ -159,27 +165,35 @@ def colour_iou(pred, target, colours, valid, tau=60 / 255):
 
 
 def write(ev, task, K, panel):
-    """t2i or edit: the model writes up to K tokens after a forced [Img]; the detokenizer draws them."""
-    test, P, bank, records = ev.test, ev.test['P'], ev.test['bank'], ev.test['records']
+    """t2i or edit: the model writes up to K tokens after a forced [Img]; the detokenizer draws them;
+    the judge (data/shapes/judge.py) reads them. Rows: the model, a baseline that writes nothing (t2i:
+    the caption-only guess; edit: the source copied) and SeTok's own reconstruction of the truth (the
+    ceiling)."""
+    test, P, bank, records, S = ev.test, ev.test['P'], ev.test['bank'], ev.test['records'], ev.model.cfg.image_size
     got = {k: [] for k in ('psnr', 'colour_iou', 'tokens', 'oracle_psnr', 'oracle_colour_iou', 'base')}
+    judged = {who: Counter() for who in ('', 'base_', 'oracle_')}
     for i, r in enumerate(ev.chunks(ev.rows(task))):
         b = ev.batch(r, prompt_extra=torch.ones_like(r))                   # prompts end in [Img]
         assert bool((b['idx'][:, -1] == ev.tok.img).all())
         with ev.ctx:
-            ids, vis = ev.model.generate(b, max_new_tokens=K + 2, max_image_tokens=K)
-            toks, tmask = visual_tokens(ids, vis.float(), ev.model.cfg.vis_id, K)
-            out = ev.detok(toks, tmask).float().clamp(0, 1)                 # (b, 3, H, W)
+            out, tmask = ev.draw(b, K)                                      # (b, 3, H, W), (b, K)
             ttoks, ttmask = bank.padded(test['target'][r])
             recon = ev.detok(ttoks.to(ev.dev), ttmask.to(ev.dev)).float().clamp(0, 1)
         target = ev.images(test['target'][r])
+        convs = [test['convs'][row] for row in r.tolist()]
         if task == 't2i':                                                   # no image written: the baselines
-            guess = np.stack([caption_guess(records[int(test['target'][row])]['objects'], test['background'],
-                                            target.shape[-1]) for row in r.tolist()])      # (b, H, W, 3)
+            truth = [records[int(test['target'][row])]['objects'] for row in r.tolist()]
+            guess = np.stack([caption_guess(t, test['background'], S) for t in truth])      # (b, H, W, 3)
             base = torch.from_numpy(guess).permute(0, 3, 1, 2).float()
         else:
+            source = [records[int(P.img[row])]['objects'] for row in r.tolist()]
+            truth = [edit_target(o, c['edit'], S)[0] for o, c in zip(source, convs)]
             base = ev.images(P.img[r])
-        cols = [edited_colours(records[int(P.img[row]) if task == 'edit' else int(test['target'][row])]['objects'],
-                               test['convs'][row].get('edit')) for row in r.tolist()]      # the target's object colours
+        for who, im in (('', out), ('base_', base), ('oracle_', recon)):    # what the judge sees in each
+            for j, pred in enumerate(judge(im.cpu())):
+                judged[who].update(score_t2i(pred, truth[j]) if task == 't2i' else
+                                   score_edit(pred, source[j], convs[j]['edit'], S))
+        cols = [[o['color'] for o in t] for t in truth]                    # the target's object colours
         O = max(len(c) for c in cols)
         colours = torch.tensor([[COLORS[x] for x in c] + [(0, 0, 0)] * (O - len(c)) for c in cols], device=ev.dev) / 255
         valid = torch.tensor([[True] * len(c) + [False] * (O - len(c)) for c in cols], device=ev.dev)
@@ -194,8 +208,14 @@ def write(ev, task, K, panel):
                 panel.append(([to_uint8(src[j], 2) for j in range(n)], ['edit: source']))
             panel.append(([to_uint8(target[j], 2) for j in range(n)], [f'{task}: truth']))
             panel.append(([to_uint8(out[j], 2) for j in range(n)], [f'{int(tmask[j].sum())} tok' for j in range(n)]))
+            for seed in (1, 2):                                             # more samples of the same prompts
+                more, _ = ev.draw(ev.batch(r[:n], prompt_extra=torch.ones_like(r[:n])), K, seed)
+                panel.append(([to_uint8(more[j], 2) for j in range(n)], [f'seed {seed}']))
     m = {f'{task}_{k}': torch.cat(v).mean().item() for k, v in got.items() if k != 'base'}
     m['t2i_guess_psnr' if task == 't2i' else 'edit_copy_psnr'] = torch.cat(got['base']).mean().item()
+    for who, c in judged.items():
+        name = {'': task, 'base_': 't2i_guess' if task == 't2i' else 'edit_copy', 'oracle_': f'{task}_oracle'}[who]
+        m.update({f'{name}_{k}': v for k, v in rates(c).items()})
     return m
 
 
@@ -229,10 +249,11 @@ def stream_losses(model, batches, loader, want, ctx, dev, split):
     model.eval()
     sums, n = torch.zeros(6), 0
     want = want or len(loader.dataset)
+    g = torch.Generator(device=dev).manual_seed(0)                         # as in losses()
     for b in loader:
         bb, _, _ = batches.to_batch(b, dev)
         with ctx:
-            _, st = model({k: v.to(dev) for k, v in bb.items()})
+            _, st = model({k: v.to(dev) for k, v in bb.items()}, cond_drop=0.0, generator=g)
         sums += stat_vector(st)
         n += len(b['length'])
         if n >= want:
@@ -259,4 +280,10 @@ def fmt(m):
                     f"source copied {m['edit_copy_psnr']:.2f} dB")
             parts.append(f"{t} PSNR {m[f'{t}_psnr']:.2f} dB colour IoU {m[f'{t}_colour_iou']:.3f} tok {m[f'{t}_tokens']:.1f} "
                          f"({base}; SeTok recon {m[f'{t}_oracle_psnr']:.2f} dB, {m[f'{t}_oracle_colour_iou']:.3f})")
+    if 't2i_exact' in m:
+        js = lambda p: ' '.join(f"{k} {m[f'{p}_{k}']:.3f}" for k in ('exact', 'recall', 'precision', 'count', 'binding', 'position'))
+        parts.append(f"t2i judged: {js('t2i')} (caption-only guess: {js('t2i_guess')}; SeTok recon: {js('t2i_oracle')})")
+    if 'edit_success' in m:
+        js = lambda p: f"success {m[f'{p}_success']:.3f} preserved {m[f'{p}_preserved']:.3f}"
+        parts.append(f"edit judged: {js('edit')} (source copied: {js('edit_copy')}; SeTok recon: {js('edit_oracle')})")
     return ' | '.join(parts)

@@ -9,6 +9,7 @@ What SeTok (and SETOKIM) make of any image.
     python sample.py config=small --image x.png --prompt "How many red objects are there?"
     python sample.py config=small --image x.png --refer "the red circle"            # mask.png
     python sample.py config=small --generate "a large red circle in the center"     # generated.png
+    python sample.py config=small --generate "a small blue star on the left" --num_samples 4   # four of them
     python sample.py config=small --image x.png --edit "Make the red circle blue."  # edited.png
 
 What it writes into the folder `out` (created if needed; use one folder per run), printing each path:
@@ -23,8 +24,10 @@ What it writes into the folder `out` (created if needed; use one folder per run)
     the answer to --prompt on stdout, as 'Q: ...' and 'A: ...' lines (with neither --prompt nor
                    --refer/--edit, the model is asked "Describe the image."),
     mask.png       --refer "the red circle": the predicted mask of the referred object over the image
-    edited.png     --edit "make the circle blue": the input beside the edited image
-    generated.png  --generate "a caption": an image written by SETOKIM (no --image needed)
+    edited.png     --edit "make the circle blue": the input beside the edited image (num_samples of them)
+    generated.png  --generate "a caption": images written by SETOKIM (no --image needed), num_samples
+                   side by side: the diffusion head's noise differs, so where the caption leaves room
+                   (where in its cell an object sits, the background) the samples differ; seed fixes them
   With one image the names are exactly these; with several, each is prefixed by the image's file
   stem (a_tokens.png, b_tokens.png, ...; two inputs with the same stem get their extension too).
   Pictures have a 2-pixel dark frame: tokens.png is (S*scale+4) pixels square, recon.png and
@@ -91,6 +94,10 @@ seed = 1337
 temperature = 0.0          # SETOKIM sampling: 0 = greedy (the most likely answer)
 top_k = 0                  # SETOKIM sampling: keep the k most likely tokens (0 = all)
 max_new_tokens = 64        # SETOKIM: the longest answer, in tokens
+num_samples = 1            # --generate / --edit: this many images of the same prompt, side by side (seeds differ)
+img_temperature = 0.0      # the diffusion head: share of DDPM's noise put back at each step (0: DDIM)
+diff_steps = 50            # the diffusion head: denoising steps per token
+cfg_scale = 1.0            # the diffusion head: classifier-free guidance (1: none)
 # model shape, checked against the checkpoints; 0 = whatever the checkpoint says (a preset sets them)
 image_size = 0
 patch_size = 0
@@ -311,21 +318,24 @@ class Conversation:
     def generate(self, b, new_tokens):
         s = self.settings
         new_tokens = min(new_tokens, self.model.cfg.block_size - b['idx'].shape[1])
+        g = torch.Generator(device=self.dev).manual_seed(s['seed'])
         return self.model.generate(b, new_tokens, temperature=s['temperature'], top_k=s['top_k'] or None,
-                                   max_image_tokens=self.setok.max_tokens)
+                                   max_image_tokens=self.setok.max_tokens, img_temperature=s['img_temperature'],
+                                   diff_steps=s['diff_steps'], cfg_scale=s['cfg_scale'], generator=g)
 
     def answer(self, text, image):
         ids, _ = self.generate(self.prompt(text, image), self.settings['max_new_tokens'])
         return self.tok.decode(ids[0].tolist())
 
     def write_image(self, text, image, detok):
-        """Generate an image after a forced [Img] -> (3, S, S) in [0, 1] and its number of tokens."""
-        K = self.setok.max_tokens
-        ids, vis = self.generate(self.prompt(text, image, extra=[self.tok.img]), max(self.settings['max_new_tokens'], K + 2))
+        """num_samples images written after a forced [Img] (one batch: each row its own noise) ->
+        (n, 3, S, S) in [0, 1] and each one's number of tokens."""
+        K, n = self.setok.max_tokens, self.settings['num_samples']
+        b = self.prompt(text, image, extra=[self.tok.img])
+        b = {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in b.items()}   # n copies of the prompt
+        ids, vis = self.generate(b, max(self.settings['max_new_tokens'], K + 2))
         tokens, token_mask = visual_tokens(ids, vis, self.vis_id, K)
-        if not token_mask.any():                                            # cannot happen: >= 1 after [Img]
-            die("SETOKIM wrote no visual token")
-        return detok(tokens, token_mask)[0].float().clamp(0, 1), int(token_mask.sum())
+        return detok(tokens, token_mask).float().clamp(0, 1), token_mask.sum(1).tolist()
 
     def segment(self, text, image, labels):
         """Mask probabilities (H, W) of the object the text refers to."""
@@ -353,7 +363,7 @@ def setokim_on_image(conv, detok, f, pre, img, tokens, token_mask, labels, setti
         if settings['edit']:
             text = sentence(settings['edit'])
             edited, n = conv.write_image(text, (t, m), detok)
-            save_strip([to_uint8(img, sc), to_uint8(edited, sc)], ['input', f'{text} ({n} tokens)'],
+            save_strip([to_uint8(img, sc)] + [to_uint8(e, sc) for e in edited], ['input'] + [f'{text} ({k} tokens)' for k in n],
                        os.path.join(out, f'{pre}edited.png'))
 
 
@@ -362,8 +372,8 @@ def setokim_generate(conv, detok, settings, ctx):
     cap = ' '.join(settings['generate'].split())
     text = cap if cap.lower().startswith('generate an image') else f'Generate an image: {cap}'
     with ctx:
-        image, n = conv.write_image(text, None, detok)
-    save_strip([to_uint8(image, settings['scale'])], [f'{cap} ({n} tokens)'],
+        images, n = conv.write_image(text, None, detok)
+    save_strip([to_uint8(im, settings['scale']) for im in images], [f'{cap} ({k} tokens)' for k in n],
                os.path.join(settings['out'], 'generated.png'))
 
 
@@ -374,6 +384,12 @@ def main(settings):
     if settings['threads']:
         torch.set_num_threads(settings['threads'])
     torch.manual_seed(settings['seed'])
+    for name, ok, want in (('num_samples', settings['num_samples'] >= 1, 'an integer >= 1'),
+                           ('diff_steps', settings['diff_steps'] >= 1, 'an integer >= 1'),
+                           ('img_temperature', settings['img_temperature'] >= 0, '>= 0'),
+                           ('cfg_scale', settings['cfg_scale'] >= 0, '>= 0')):
+        if not ok:
+            die(f"{name}={settings[name]}: expected {want}")
     files = expand_images(settings['image'])
     for mode in ('prompt', 'refer', 'edit'):
         if settings[mode] and not files:

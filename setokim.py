@@ -13,22 +13,26 @@ the world's special tokens). K, the number of tokens of an image, is that image'
                                                                               positions with a loss
   * reading:  each visual token v_k (width D) goes through the input projector (MLP D -> C) and is
               scattered into the embedded sequence at its slot (a boolean mask, no loop);
-  * writing:  inside an answer, after [Img], the hidden state at each position predicts the NEXT
-              visual token through the output projector (MLP C -> D), trained by regression (MSE +
-              cosine) against SeTok's tokens of the target image. At the same positions the LM head
-              predicts VIS, an extra vocabulary row meaning "a visual token follows", and [/Img] after
-              the last one: the model decides how many tokens its image gets. detok.py renders them;
+  * writing:  inside an answer, after [Img], the hidden state at each position conditions a small
+              per-token DIFFUSION head (section 4, MAR-style) that samples the NEXT visual token; a
+              COPY head may instead point at one of the input image's tokens (editing keeps what it
+              does not touch). gen_head='mse' regresses the token instead (MSE + cosine), the
+              comparison. At the same positions the LM head predicts VIS, an extra vocabulary row
+              meaning "a visual token follows", and [/Img] after the last one: the model decides how
+              many tokens its image gets. detok.py renders them;
   * segmenting: the hidden state at the [SEG] token queries the input image's tokens (MaskDecoder);
               every token gets a logit and every patch the logit of the token it belongs to: SeTok's
               labels say which (a gather), then upsampling to pixels.
 
-    loss = ce_weight * text CE (answers only) + reg_weight * (MSE + cos_weight * (1 - cos))
+    loss = ce_weight * text CE (answers only)
+         + reg_weight * (diffusion loss [or MSE + cos_weight * (1 - cos)] + copy_weight * copy CE)
          + mask_weight * (BCE + dice_weight * dice)          each sample uses the terms its data has
 
 The ids of the special tokens ([Img], [/Img], [SEG], ...) come from the text tokenizer (data/text.py)
 through GPTConfig. Sections: 1) GPTConfig, GPT  2) sequences: SeTok tokens in reading order, and the
-batch the model reads (data/batch.py builds it)  3) MaskDecoder  4) SETOKIM: embedding, loss, generation
-with a KV cache, segmentation. Checkpoints load through checkpoint.load_setokim.
+batch the model reads (data/batch.py builds it)  3) MaskDecoder  4) writing visual tokens: the diffusion
+head, the copy head  5) SETOKIM: embedding, loss, generation with a KV cache, segmentation.
+Checkpoints load through checkpoint.load_setokim.
 """
 import math
 from dataclasses import dataclass
@@ -63,6 +67,11 @@ class GPTConfig:
     mask_depth: int = 2        # mask decoder layers
     mask_n_head: int = 4
     mask_refine: bool = True   # a per-patch correction on top of the exact label gather
+    # writing images (section 5): how each written visual token is made
+    gen_head: str = 'diffusion'  # 'diffusion': sampled by the per-token diffusion head | 'mse': regressed
+    diff_width: int = 256      # the diffusion head's MLP width
+    diff_depth: int = 3        # its residual blocks
+    copy_head: bool = True     # a written token may point at one of the input image's tokens (editing)
     # ids of the text tokenizer's special tokens, used while generating: always set from the tokenizer
     # (GPTConfig.for_tokenizer); -1 = not set
     img_id: int = -1
@@ -261,7 +270,164 @@ def mask_loss(pix_logits, gt, dice_weight=1.0):
 
 
 # -----------------------------------------------------------------------------
-# 4) SETOKIM: the GPT, the two projectors, the mask decoder.
+# 4) Writing visual tokens: a per-token diffusion head (MAR: Li et al. 2024, "Autoregressive Image
+# Generation without Vector Quantization"), and a copy head for editing.
+#
+# Why not regression. A caption leaves freedom: where in its cell an object sits, what the background
+# is. So the token that comes next is a DISTRIBUTION, and squared error is minimised by its MEAN: a
+# blend of every plausible token, which the detokenizer draws as a soft blob where each candidate
+# object would be (gen_head='mse' keeps that head for the comparison). The diffusion head instead
+# learns to SAMPLE one token from p(token | hidden state), with a small MLP that removes noise:
+#
+#   noise   continuous time t in [0, 1] with the cosine schedule abar(t) = cos^2(pi t / 2):
+#           x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps,  x_0 the clean (normalised) token, eps ~ N(0, I);
+#           t = 0 is the token itself, t = 1 pure noise
+#   target  v = sqrt(abar) eps - sqrt(1 - abar) x_0 ("v-prediction"). From v and x_t both follow:
+#           x_0 = sqrt(abar) x_t - sqrt(1 - abar) v,  eps = sqrt(1 - abar) x_t + sqrt(abar) v,
+#           and unlike predicting eps it stays well posed at t = 1, where x_t holds nothing of x_0
+#   network an MLP over x_t whose every block is modulated (AdaLN: a shift, a scale and a gate from
+#           the condition) by the LLM's hidden state at the written position plus an embedding of t
+#   loss    ||v_hat - v||^2 per token, averaged over `draws` draws of (t, eps) of the same token: the
+#           GPT runs once per token, the cheap head several times (MAR's diffusion_batch_mul)
+#   sample  DDIM over `steps` evenly spaced times from 1 to 0, from x_1 ~ N(0, I). `temperature` is
+#           the share of DDPM's fresh noise added back at each step (0: deterministic DDIM, 1: ancestral
+#           DDPM sampling); the starting noise is what makes two samples differ
+#   guidance for `cond_drop` of the training tokens the condition is replaced by a learned null vector,
+#           so the same head also knows p(token) with no prompt; sampling then follows
+#           v = v_null + cfg * (v_cond - v_null) (classifier-free guidance; cfg = 1: none)
+
+def time_features(t, dim=64):
+    """t (R,) in [0, 1] -> (R, dim) sinusoidal features (the transformer's position code, of 1000 t)."""
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    a = 1000 * t.float()[:, None] * freqs[None]
+    return torch.cat([a.sin(), a.cos()], -1)
+
+
+class AdaLNBlock(nn.Module):
+    """x + gate * mlp(ln(x) * (1 + scale) + shift), with (shift, scale, gate) from the condition e.
+    The modulation starts at zero, so every block starts as the identity (DiT's adaLN-zero)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.ln = nn.LayerNorm(width, elementwise_affine=False)
+        self.mlp = MLP(width, width, width)
+        self.mod = nn.Linear(width, 3 * width)
+        nn.init.zeros_(self.mod.weight)
+        nn.init.zeros_(self.mod.bias)
+
+    def forward(self, x, e):
+        shift, scale, gate = self.mod(F.silu(e)).chunk(3, -1)
+        return x + gate * self.mlp(self.ln(x) * (1 + scale) + shift)
+
+
+class DiffusionHead(nn.Module):
+    def __init__(self, token_dim, cond_dim, width, depth):
+        super().__init__()
+        self.x_in = nn.Linear(token_dim, width)
+        self.t_in = MLP(64, width, width)
+        self.c_in = nn.Linear(cond_dim, width)
+        self.null = nn.Parameter(torch.zeros(cond_dim))                    # "no condition" (guidance)
+        self.blocks = nn.ModuleList([AdaLNBlock(width) for _ in range(depth)])
+        self.ln_out = nn.LayerNorm(width, elementwise_affine=False)
+        self.mod_out = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, token_dim)
+        for m in (self.mod_out, self.out):                                 # predicts v = 0 at init
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x_t, t, c):
+        """x_t (R, D) noisy tokens, t (R,) their times, c (R, C) conditions -> v_hat (R, D)."""
+        dt = self.x_in.weight.dtype
+        e = self.c_in(c.to(dt)) + self.t_in(time_features(t).to(dt))      # (R, w)
+        h = self.x_in(x_t.to(dt))                                          # (R, w)
+        for blk in self.blocks:
+            h = blk(h, e)
+        shift, scale = self.mod_out(F.silu(e)).chunk(2, -1)
+        return self.out(self.ln_out(h) * (1 + scale) + shift)              # (R, D)
+
+    def loss(self, x0, c, draws=4, cond_drop=0.1, generator=None):
+        """x0 (R, D) clean tokens, c (R, C) -> (R,) the v-loss of each token, averaged over its draws.
+        generator: where the noise comes from (None: the global RNG, which checkpoints save)."""
+        R, D = x0.shape
+        x0, c = x0.repeat(draws, 1), c.repeat(draws, 1)                    # (draws*R, ...)
+        drop = torch.rand(len(c), 1, device=c.device, generator=generator) < cond_drop
+        c = torch.where(drop, self.null.to(c.dtype), c)
+        t = torch.rand(len(x0), device=x0.device, generator=generator)
+        a, s = alpha_sigma(t)                                              # (draws*R, 1) each
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        v_hat = self(a * x0 + s * eps, t, c).float()
+        return (v_hat - (a * eps - s * x0)).pow(2).mean(-1).view(draws, R).mean(0)
+
+    @torch.no_grad()
+    def sample(self, c, steps=50, temperature=0.0, cfg=1.0, generator=None):
+        """c (R, C) conditions -> (R, D) sampled tokens (normalised space). generator: a torch.Generator
+        on c's device for reproducible samples (None: the global one)."""
+        R = len(c)
+        x = torch.randn(R, self.out.out_features, device=c.device, generator=generator)    # x_1: noise
+        guide = cfg != 1.0
+        if guide:                                                          # conditioned and null, one pass
+            c = torch.cat([c, self.null.to(c.dtype).expand(R, -1)])
+        ts = torch.linspace(1, 0, steps + 1, device=c.device)
+        for i in range(steps):
+            t = ts[i].expand(R)
+            v = self(x.repeat(2, 1), t.repeat(2), c).float() if guide else self(x, t, c).float()
+            if guide:
+                v = v[R:] + cfg * (v[:R] - v[R:])
+            a, s = alpha_sigma(ts[i])                                      # now: t
+            a1, s1 = alpha_sigma(ts[i + 1])                                # next: t' < t
+            x0, eps = a * x - s * v, s * x + a * v
+            # DDIM's step to t'; eta: the share `temperature` of DDPM's posterior noise
+            eta = temperature * s1 / s * (1 - (a / a1) ** 2).clamp_min(0).sqrt()
+            x = a1 * x0 + (s1 ** 2 - eta ** 2).clamp_min(0).sqrt() * eps
+            if temperature > 0:
+                x = x + eta * torch.randn(x.shape, device=x.device, generator=generator)
+        return x
+
+
+def alpha_sigma(t):
+    """The cosine schedule: sqrt(abar(t)) = cos(pi t / 2) and sqrt(1 - abar(t)) = sin(pi t / 2), as
+    (..., 1) columns when t is a vector."""
+    t = t[..., None] if t.dim() else t
+    return torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)
+
+
+# 4b) Copying. An edit changes one object; every other token of the target is (nearly) a token of the
+# source: the same object, drawn again. Sampling it anew would redraw it, a little off. So a written
+# token may instead POINT at one of the input image's tokens (a pointer network, Vinyals et al. 2015):
+# the hidden state at the written position scores every input visual slot of the same conversation
+# (a query-key dot product) against one more logit, "write a new token". Its target: the input token
+# nearest the true one when that is within copy_tau (mean squared difference per channel, normalised
+# space), else "new". Generation takes the argmax: a copied token is the source's token exactly.
+
+def copy_candidates(b):
+    """-> br, tr (R,): the row and position of each written token's hidden state (reg_mask), and cand
+    (R, T) bool: the slots it may copy (visual slots that are read, not written, earlier in the same
+    conversation)."""
+    T = b['idx'].shape[1]
+    written = F.pad(b['reg_mask'][:, :-1], (1, 0))                          # (B, T) slots of written tokens
+    read = b['vis_mask'] & ~written                                         # (B, T) slots of input tokens
+    br, tr = b['reg_mask'].nonzero(as_tuple=True)                           # (R,), (R,)
+    cand = read[br] & (torch.arange(T, device=br.device)[None] < tr[:, None])   # (R, T)
+    if b.get('doc') is not None:                                            # packed rows: own conversation only
+        cand = cand & (b['doc'][br] == b['doc'][br, tr][:, None])
+    return br, tr, cand
+
+
+def copy_targets(b, vn, tgt, cands, tau):
+    """vn (M, D) the batch's visual tokens (normalised, row-major slots), tgt (R, D) the written ones ->
+    (R,) labels: the slot to copy, T for "new", -1 where there is nothing to copy (text-to-image)."""
+    br, _, cand = cands
+    R, T = cand.shape
+    slot = (b['vis_mask'].flatten().cumsum(0) - 1).view(b['vis_mask'].shape)   # (B, T) slot -> row of vn
+    r, j = cand.nonzero(as_tuple=True)                                      # (P,) candidate pairs
+    d = (tgt[r] - vn[slot[br[r], j]]).pow(2).mean(-1)                       # (P,)
+    dist = torch.full((R, T), float('inf'), device=tgt.device).index_put((r, j), d.float())
+    best, arg = dist.min(1)                                                 # (R,)
+    return torch.where(cand.any(1), torch.where(best < tau, arg, T), -1)
+
+
+# -----------------------------------------------------------------------------
+# 5) SETOKIM: the GPT, the input projector, the writing heads, the mask decoder.
 
 def sample_next(logits, temperature=0.0, top_k=None):
     """logits (B, V) -> ids (B,). temperature <= 0: greedy (argmax)."""
@@ -279,11 +445,17 @@ class SETOKIM(nn.Module):
         super().__init__()
         unset = [k for k in ('img_id', 'img_end_id', 'seg_id', 'eos_id', 'pad_id') if getattr(cfg, k) < 0]
         assert not unset, f"GPTConfig: {', '.join(unset)} not set; take them from the text tokenizer"
+        assert cfg.gen_head in ('diffusion', 'mse'), f"GPTConfig: gen_head={cfg.gen_head!r}, expected diffusion or mse"
         self.cfg = cfg
         C, D = cfg.n_embd, cfg.token_dim
         self.gpt = GPT(cfg)
         self.in_proj = MLP(D, C, C)          # D -> C: SeTok tokens into the LLM (2 layers, GELU)
-        self.out_proj = MLP(C, C, D)         # C -> D: the LLM's next visual token
+        if cfg.gen_head == 'diffusion':      # C -> D: the LLM's next visual token, sampled ...
+            self.diff_head = DiffusionHead(D, C, cfg.diff_width, cfg.diff_depth)
+        else:                                # ... or regressed
+            self.out_proj = MLP(C, C, D)
+        if cfg.copy_head:                    # pointing at an input token: query, keys, and "write a new one"
+            self.copy_q, self.copy_k, self.copy_new = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, 1)
         self.mask_decoder = MaskDecoder(D, C, cfg.mask_dim, cfg.mask_depth, cfg.mask_n_head, cfg.grid,
                                         cfg.image_size, cfg.mask_refine)
         # SeTok's tokens are standardised per channel (statistics of the training images, set once by
@@ -307,18 +479,38 @@ class SETOKIM(nn.Module):
     def hidden(self, b, caches=None):
         return self.gpt(self.embed(b['idx'], b['vis_mask'], b['vis']), b['real'], caches, b.get('doc'))
 
-    def forward(self, b, norm=None, ce_weight=1.0, reg_weight=1.0, mask_weight=1.0, cos_weight=1.0, dice_weight=1.0):
+    def copy_scores(self, h, hr, cands):
+        """h (B,T,C) hidden states, hr (R,C) those of the written positions, cands (copy_candidates) ->
+        (R, T+1) logits: one per candidate slot (-inf elsewhere), then "new"."""
+        br, _, cand = cands
+        r, j = cand.nonzero(as_tuple=True)
+        s = (self.copy_q(hr)[r] * self.copy_k(h[br[r], j])).sum(-1) / math.sqrt(h.shape[-1])     # (P,)
+        logits = torch.full(cand.shape, float('-inf'), device=h.device).index_put((r, j), s.float())
+        return torch.cat([logits, self.copy_new(hr).float()], 1)
+
+    def forward(self, b, norm=None, ce_weight=1.0, reg_weight=1.0, mask_weight=1.0, cos_weight=1.0, dice_weight=1.0,
+                draws=4, cond_drop=0.1, copy_weight=1.0, copy_tau=0.1, generator=None):
         """b: a batch from collate. norm: (n_ce, n_reg, n_seg) the counts each loss SUM is divided by
         (default: this batch's own, i.e. plain means; train_setokim.py passes the global batch's).
-        Returns (loss, stats): the sums and counts of each term, detached."""
+        draws, cond_drop, generator: the diffusion loss's (DiffusionHead.loss); copy_tau: the copy head's
+        target (copy_targets). Returns (loss, stats): the sums and counts of each term, detached."""
         h = self.hidden(b)                                                  # (B, T, C)
         # 1) text CE on answer tokens only; the LM head runs only where there is a target
         tm = b['targets'] >= 0
         ce = F.cross_entropy(self.gpt.lm_head(h[tm]).float(), b['targets'][tm], reduction='sum')
-        # 2) visual regression: hidden at t -> the written visual token at t+1, in normalised space
-        pred = self.out_proj(h[b['reg_mask']]).float()                      # (R, D)
-        tgt = self.normalize(b['reg_target'])
-        reg = ((pred - tgt).pow(2).mean(-1) + cos_weight * (1 - F.cosine_similarity(pred, tgt, dim=-1))).sum()
+        # 2) writing: hidden at t -> the written visual token at t+1, in normalised space
+        hr, tgt = h[b['reg_mask']], self.normalize(b['reg_target'])        # (R, C), (R, D)
+        if self.cfg.gen_head == 'diffusion':
+            per = self.diff_head.loss(tgt, hr, draws, cond_drop, generator)     # (R,)
+        else:
+            pred = self.out_proj(hr).float()                                # (R, D)
+            per = (pred - tgt).pow(2).mean(-1) + cos_weight * (1 - F.cosine_similarity(pred, tgt, dim=-1))
+        if self.cfg.copy_head:
+            cands = copy_candidates(b)
+            logits, label = self.copy_scores(h, hr, cands), copy_targets(b, self.normalize(b['vis']), tgt, cands, copy_tau)
+            per = per + copy_weight * torch.where(label >= 0, F.cross_entropy(logits.float(), label.clamp_min(0),
+                                                                               reduction='none'), 0.0)
+        reg = per.sum()
         # 3) referring masks, from the [SEG] hidden state and the input image's tokens
         S = len(b['seg_rows'])
         if S:
@@ -327,7 +519,7 @@ class SETOKIM(nn.Module):
             msk = mask_loss(pix, b['seg_gt'], dice_weight).sum()
         else:
             msk = h.new_zeros((), dtype=torch.float32)
-        counts = (int(tm.sum()), len(pred), S)
+        counts = (int(tm.sum()), len(hr), S)
         n_ce, n_reg, n_seg = norm if norm is not None else (max(1, n) for n in counts)
         loss = ce_weight * ce / n_ce + reg_weight * reg / n_reg + mask_weight * msk / n_seg
         # every parameter takes part in every step, even when a term is absent from this batch (no
@@ -338,22 +530,29 @@ class SETOKIM(nn.Module):
         return loss, stats
 
     @torch.no_grad()
-    def generate(self, b, max_new_tokens, temperature=0.0, top_k=None, max_image_tokens=16, use_cache=True):
+    def generate(self, b, max_new_tokens, temperature=0.0, top_k=None, max_image_tokens=16, use_cache=True,
+                 img_temperature=0.0, diff_steps=50, cfg_scale=1.0, generator=None):
         """Continue LEFT-padded prompts b (collate(..., prompt_extra=...)) for up to max_new_tokens.
-        Text steps sample any id but VIS; after [Img] every step is either another visual token (the
-        hidden state through out_proj, fed back through in_proj) or [/Img]: the LM head decides,
-        restricted to {VIS, [/Img]}, with at least 1 and at most max_image_tokens tokens. A prompt
-        that ends in [Img] starts writing an image at once. Rows stop at [eos] (then pad).
-        Returns ids (B, S) (VIS at visual tokens) and vis (B, S, D): the SeTok-space token at every
-        step where ids == VIS (zeros elsewhere). use_cache=False recomputes the whole sequence each
-        step (the reference the KV cache is tested against)."""
+        Text steps sample any id but VIS; after [Img] every step is either another visual token or
+        [/Img]: the LM head decides, restricted to {VIS, [/Img]}, with at least 1 and at most
+        max_image_tokens tokens. A visual token is the copy head's pick among the prompt's visual
+        tokens, or a new one: sampled by the diffusion head (img_temperature, diff_steps, cfg_scale;
+        generator: a torch.Generator for reproducible images) or regressed (gen_head='mse'); it is fed
+        back through in_proj. A prompt that ends in [Img] starts writing an image at once. Rows stop at
+        [eos] (then pad). Returns ids (B, S) (VIS at visual tokens) and vis (B, S, D): the SeTok-space
+        token at every step where ids == VIS (zeros elsewhere). use_cache=False recomputes the whole
+        sequence each step (the reference the KV cache is tested against)."""
         c = self.cfg
         x, real = self.embed(b['idx'], b['vis_mask'], b['vis']), b['real']
-        B = x.shape[0]
+        B, Tp, _ = x.shape
         if max_new_tokens <= 0:
             return b['idx'][:, :0], x.new_zeros(B, 0, c.token_dim)
         caches = [dict() for _ in self.gpt.blocks] if use_cache else None
-        h = self.gpt(x, real, caches)[:, -1]                                # (B, C) last prompt position
+        hp = self.gpt(x, real, caches)                                      # (B, Tp, C) the prompt
+        h = hp[:, -1]                                                       # (B, C) last prompt position
+        if c.copy_head:                                                     # what a written token may copy
+            keys = self.copy_k(hp)                                          # (B, Tp, C)
+            src = hp.new_zeros(B, Tp, c.token_dim).index_put((b['vis_mask'],), self.normalize(b['vis']).to(hp.dtype))
         in_img = b['idx'][:, -1] == c.img_id                                # (B,) inside an image
         n_vis = torch.zeros(B, dtype=torch.long, device=x.device)           # tokens of the current image
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
@@ -367,10 +566,22 @@ class SETOKIM(nn.Module):
             nxt = torch.where(in_img, torch.where(more, c.vis_id, c.img_end_id), text)
             nxt = torch.where(done, c.pad_id, nxt)                          # (B,)
             is_vis = nxt == c.vis_id
-            v = self.out_proj(h)                                            # (B, D) normalised space
-            e = torch.where(is_vis[:, None], self.in_proj(v).to(x.dtype), self.gpt.wte(nxt))  # (B, C)
+            e = self.gpt.wte(nxt)                                           # (B, C)
+            v = torch.zeros(B, c.token_dim, device=x.device)                # (B, D) normalised space
+            if bool(is_vis.any()):
+                if c.gen_head == 'diffusion':
+                    v = self.diff_head.sample(h, diff_steps, img_temperature, cfg_scale, generator)
+                else:
+                    v = self.out_proj(h).float()
+                if c.copy_head:                                             # the pointer: a slot, or Tp = new
+                    score = torch.einsum('bc,btc->bt', self.copy_q(h), keys).float() / math.sqrt(h.shape[-1])
+                    score = score.masked_fill(~b['vis_mask'], float('-inf'))
+                    pick = torch.cat([score, self.copy_new(h).float()], 1).argmax(1)              # (B,)
+                    copied = src[torch.arange(B, device=x.device), pick.clamp(max=Tp - 1)].float()
+                    v = torch.where((pick < Tp)[:, None], copied, v)
+                e = torch.where(is_vis[:, None], self.in_proj(v.to(x.dtype)).to(e.dtype), e)
             ids.append(nxt)
-            vis.append(torch.where(is_vis[:, None], self.denormalize(v.float()), 0.0))
+            vis.append(torch.where(is_vis[:, None], self.denormalize(v), 0.0))
             n_vis = torch.where(is_vis, n_vis + 1, 0)
             in_img = is_vis | (nxt == c.img_id)
             done = done | (nxt == c.eos_id)

@@ -92,9 +92,21 @@ mask_dim = 128
 mask_depth = 2
 mask_n_head = 4
 mask_refine = True
+# writing images (setokim.py section 5)
+gen_head = 'diffusion'            # diffusion (a per-token diffusion head samples each written token) | mse (regression)
+diff_width = 256                  # the diffusion head's width and residual blocks
+diff_depth = 3
+copy_head = True                  # written tokens may copy the input image's tokens (what an edit leaves alone)
+diff_draws = 4                    # noise draws per written token in the diffusion loss
+cond_drop = 0.1                   # share of written tokens trained without their condition (for cfg_scale)
+copy_weight = 1.0                 # the copy head's cross-entropy, added to each written token's loss
+copy_tau = 0.1                    # a written token is the copy of an input token within this mean squared distance
+img_temperature = 0.0             # sampling: the share of DDPM's noise put back at each step (0: DDIM, deterministic)
+diff_steps = 50                   # sampling: denoising steps per token
+cfg_scale = 1.0                   # sampling: classifier-free guidance (1: none)
 # loss
 ce_weight = 1.0                   # text CE (answers only)
-reg_weight = 1.0                  # visual regression: MSE + cos_weight * (1 - cosine)
+reg_weight = 1.0                  # written visual tokens: the diffusion loss (or MSE + cos_weight * (1 - cosine))
 cos_weight = 1.0
 mask_weight = 1.0                 # referring masks: BCE + dice_weight * dice
 dice_weight = 1.0
@@ -138,6 +150,16 @@ if stage not in (0, 1, 2):
     die(f"stage={stage}: expected 0 (both), 1 or 2")
 if text_tokenizer not in ('sentencepiece', 'gpt2'):
     die(f"text_tokenizer={text_tokenizer}: expected sentencepiece or gpt2")
+if gen_head not in ('diffusion', 'mse'):
+    die(f"gen_head={gen_head}: expected diffusion or mse")
+for name, value, ok, want in (('diff_draws', diff_draws, diff_draws >= 1, 'an integer >= 1'),
+                              ('diff_steps', diff_steps, diff_steps >= 1, 'an integer >= 1'),
+                              ('cond_drop', cond_drop, 0 <= cond_drop < 1, 'in [0, 1)'),
+                              ('copy_tau', copy_tau, copy_tau > 0, '> 0'),
+                              ('img_temperature', img_temperature, img_temperature >= 0, '>= 0'),
+                              ('cfg_scale', cfg_scale, cfg_scale >= 0, '>= 0')):
+    if not ok:
+        die(f"{name}={value}: expected {want}")
 repeat = parse_repeat(task_repeat)
 if repeat and data_dirs:
     die("task_repeat mixes the shapes world's tasks; mix streamed worlds (data_dirs) with data_weights")
@@ -227,7 +249,8 @@ run = {'processes': world, 'data': [world_settings(d) for d in (stream or [world
 # ---- the model: its special-token ids come from the text tokenizer, its token statistics from the data
 gcfg = GPTConfig.for_tokenizer(tok, block_size=block_size, **llm_shape, token_dim=setok.cfg.token_dim, grid=setok.grid,
                                image_size=setok.cfg.image_size, mask_dim=mask_dim, mask_depth=mask_depth,
-                               mask_n_head=mask_n_head, mask_refine=mask_refine)
+                               mask_n_head=mask_n_head, mask_refine=mask_refine, gen_head=gen_head,
+                               diff_width=diff_width, diff_depth=diff_depth, copy_head=copy_head)
 torch.manual_seed(seed)
 model = SETOKIM(gcfg)
 if pretrained:
@@ -266,7 +289,8 @@ def run_eval(s, batches=None):
                                              eval_batch_size, seed, workers=num_workers)
         m = stream_losses(model, batches, held, eval_per_task * len(STREAM_STAGE_TASKS[s]), ctx, dev, split) if held else {}
     else:
-        ev = Eval(model, detok, tok, test, ctx, dev, eval_per_task, eval_batch_size, llm_pack_rows)
+        ev = Eval(model, detok, tok, test, ctx, dev, eval_per_task, eval_batch_size, llm_pack_rows, seed,
+                  img_temperature=img_temperature, diff_steps=diff_steps, cfg_scale=cfg_scale)
         m = evaluate(ev, TASKS if eval_only else STAGE_TASKS[s], setok.max_tokens, os.path.join(run_dir, 'samples.png'))
     with open(os.path.join(run_dir, 'eval.json'), 'w') as f:
         json.dump({'stage': s, **m}, f, indent=2)
@@ -289,7 +313,7 @@ if ddp:
     fwd = wrap_ddp(fwd, dev)
 mfu_peak = peak_flops(dev) if dev.startswith('cuda') else None
 weights = dict(ce_weight=ce_weight, reg_weight=reg_weight, mask_weight=mask_weight, cos_weight=cos_weight,
-               dice_weight=dice_weight)
+               dice_weight=dice_weight, draws=diff_draws, cond_drop=cond_drop, copy_weight=copy_weight, copy_tau=copy_tau)
 
 # -----------------------------------------------------------------------------
 # training: stage 1, then stage 2 from stage 1's weights; each with a fresh AdamW and schedule
