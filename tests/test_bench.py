@@ -40,7 +40,8 @@ def test_tiny_bench_table_and_agreement():
 
 def test_bad_settings_are_one_line_errors():
     for args, says in [(['rows=tokenize,speed'], 'unknown speed'),
-                       (['rows=ratio,smoke', 'init_from=pretrained/gpt2'], 'add text_tokenizer=gpt2')]:
+                       (['rows=ratio,smoke', 'init_from=pretrained/gpt2'], 'add text_tokenizer=gpt2'),
+                       (['rows=smoke', 'gen_head=vae'], 'unknown vae')]:
         r = run_script('bench.py', *args, check=False)                 # the smoke settings fail before any row runs
         assert r.returncode == 2 and says in r.stderr and 'Traceback' not in r.stderr
 

@@ -474,7 +474,11 @@ def test_ddp_two_processes_match_one(world, setok_dir):
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
 
 
-def test_missing_setok_checkpoint_is_a_one_line_error(world, tmp_path):
+def test_missing_setok_checkpoint_and_bad_settings_are_one_line_errors(world, tmp_path):
     r = run(world, str(tmp_path), 'x', check=False)
     assert r.returncode == 2 and 'SeTok checkpoint' in r.stderr and 'not found' in r.stderr
     assert r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr
+    for bad in ('gen_head=gan', 'diff_draws=0', 'diff_steps=0', 'cond_drop=1', 'copy_tau=0', 'img_temperature=-1',
+                'cfg_scale=-2'):                                          # each before any work is done
+        r = run(world, str(tmp_path), 'x', bad, check=False)
+        assert r.returncode == 2 and r.stderr.startswith(f'error: {bad}') and r.stderr.count('\n') == 1, (bad, r.stderr)
