@@ -130,6 +130,7 @@ mask_refine = True
 gen_head = 'diffusion'            # the writing head (train_setokim.py's settings)
 diff_width = 256
 diff_depth = 3
+diff_mean = False                 # the diffusion head samples the residual around a regressed mean
 copy_head = True
 text_tokenizer = 'sentencepiece'  # sentencepiece | gpt2: the id layout (and size) of the stand-in text vocabulary
 init_from = 'scratch'             # scratch | a GPT-2 folder (Hugging Face layout; its config.json fixes the llm_ shape)
@@ -650,7 +651,8 @@ def smoke_setokim(s, gpt2, shape, dev, ctx):
     gcfg = GPTConfig.for_tokenizer(tok, block_size=block_size, **shape, token_dim=s['token_dim'], grid=grid,
                                    image_size=s['image_size'], mask_dim=mask_dim, mask_depth=mask_depth,
                                    mask_n_head=mask_n_head, mask_refine=mask_refine, gen_head=gen_head,
-                                   diff_width=diff_width, diff_depth=diff_depth, copy_head=copy_head)   # ids: the tokenizer's
+                                   diff_width=diff_width, diff_depth=diff_depth, diff_mean=diff_mean,
+                                   copy_head=copy_head)   # the special ids: the tokenizer's
     torch.manual_seed(seed)
     model = SETOKIM(gcfg)
     weights = ''

@@ -71,6 +71,7 @@ class GPTConfig:
     gen_head: str = 'diffusion'  # 'diffusion': sampled by the per-token diffusion head | 'mse': regressed
     diff_width: int = 256      # the diffusion head's MLP width
     diff_depth: int = 3        # its residual blocks
+    diff_mean: bool = False    # diffuse the residual around a regressed mean (DiffusionHead)
     copy_head: bool = True     # a written token may point at one of the input image's tokens (editing)
     # ids of the text tokenizer's special tokens, used while generating: always set from the tokenizer
     # (GPTConfig.for_tokenizer); -1 = not set
@@ -321,8 +322,14 @@ class AdaLNBlock(nn.Module):
 
 
 class DiffusionHead(nn.Module):
-    def __init__(self, token_dim, cond_dim, width, depth):
+    """mean=True: the head diffuses the token's RESIDUAL around a regressed mean mu(c) (an MLP trained
+    by MSE, gen_head='mse''s projector), and a sample is mu(c) + the sampled residual. The mean carries
+    what the condition says (which object, roughly where), the diffusion only what it leaves open, so a
+    head that has not yet learned to read its condition still writes near the right object."""
+
+    def __init__(self, token_dim, cond_dim, width, depth, mean=False):
         super().__init__()
+        self.mean = MLP(cond_dim, cond_dim, token_dim) if mean else None
         self.x_in = nn.Linear(token_dim, width)
         self.t_in = MLP(64, width, width)
         self.c_in = nn.Linear(cond_dim, width)
@@ -349,6 +356,11 @@ class DiffusionHead(nn.Module):
         """x0 (R, D) clean tokens, c (R, C) -> (R,) the v-loss of each token, averaged over its draws.
         generator: where the noise comes from (None: the global RNG, which checkpoints save)."""
         R, D = x0.shape
+        reg = 0.0
+        if self.mean is not None:                                          # the mean by MSE, the rest by diffusion
+            mu = self.mean(c).float()                                      # (R, D)
+            reg = (mu - x0).pow(2).mean(-1)
+            x0 = x0 - mu.detach()
         x0, c = x0.repeat(draws, 1), c.repeat(draws, 1)                    # (draws*R, ...)
         drop = torch.rand(len(c), 1, device=c.device, generator=generator) < cond_drop
         c = torch.where(drop, self.null.to(c.dtype), c)
@@ -356,7 +368,7 @@ class DiffusionHead(nn.Module):
         a, s = alpha_sigma(t)                                              # (draws*R, 1) each
         eps = torch.randn(x0.shape, device=x0.device, generator=generator)
         v_hat = self(a * x0 + s * eps, t, c).float()
-        return (v_hat - (a * eps - s * x0)).pow(2).mean(-1).view(draws, R).mean(0)
+        return (v_hat - (a * eps - s * x0)).pow(2).mean(-1).view(draws, R).mean(0) + reg
 
     @torch.no_grad()
     def sample(self, c, steps=50, temperature=0.0, cfg=1.0, generator=None):
@@ -381,7 +393,7 @@ class DiffusionHead(nn.Module):
             x = a1 * x0 + (s1 ** 2 - eta ** 2).clamp_min(0).sqrt() * eps
             if temperature > 0:
                 x = x + eta * torch.randn(x.shape, device=x.device, generator=generator)
-        return x
+        return x if self.mean is None else x + self.mean(c[:R]).float()
 
 
 def alpha_sigma(t):
@@ -451,7 +463,7 @@ class SETOKIM(nn.Module):
         self.gpt = GPT(cfg)
         self.in_proj = MLP(D, C, C)          # D -> C: SeTok tokens into the LLM (2 layers, GELU)
         if cfg.gen_head == 'diffusion':      # C -> D: the LLM's next visual token, sampled ...
-            self.diff_head = DiffusionHead(D, C, cfg.diff_width, cfg.diff_depth)
+            self.diff_head = DiffusionHead(D, C, cfg.diff_width, cfg.diff_depth, cfg.diff_mean)
         else:                                # ... or regressed
             self.out_proj = MLP(C, C, D)
         if cfg.copy_head:                    # pointing at an input token: query, keys, and "write a new one"

@@ -96,6 +96,7 @@ mask_refine = True
 gen_head = 'diffusion'            # diffusion (a per-token diffusion head samples each written token) | mse (regression)
 diff_width = 256                  # the diffusion head's width and residual blocks
 diff_depth = 3
+diff_mean = False                 # the diffusion head samples the residual around a regressed mean
 copy_head = True                  # written tokens may copy the input image's tokens (what an edit leaves alone)
 diff_draws = 4                    # noise draws per written token in the diffusion loss
 cond_drop = 0.1                   # share of written tokens trained without their condition (for cfg_scale)
@@ -250,7 +251,7 @@ run = {'processes': world, 'data': [world_settings(d) for d in (stream or [world
 gcfg = GPTConfig.for_tokenizer(tok, block_size=block_size, **llm_shape, token_dim=setok.cfg.token_dim, grid=setok.grid,
                                image_size=setok.cfg.image_size, mask_dim=mask_dim, mask_depth=mask_depth,
                                mask_n_head=mask_n_head, mask_refine=mask_refine, gen_head=gen_head,
-                               diff_width=diff_width, diff_depth=diff_depth, copy_head=copy_head)
+                               diff_width=diff_width, diff_depth=diff_depth, diff_mean=diff_mean, copy_head=copy_head)
 torch.manual_seed(seed)
 model = SETOKIM(gcfg)
 if pretrained:

@@ -2,6 +2,7 @@
 editing say what the images show; and the diffusion head (setokim.py) learns a two-mode distribution that
 regression would average, with samples fixed by their seed."""
 import numpy as np
+import pytest
 import torch
 
 from data.shapes.judge import edit_target, judge, key, score_edit, score_t2i
@@ -56,10 +57,11 @@ def test_t2i_scores_count_what_is_missing_and_what_is_extra():
                                      'count_ok': 1, 'bound': len(true), 'placed': len(true), 'n': 1}
 
 
-def test_diffusion_head_learns_two_modes_that_regression_would_average():
+@pytest.mark.parametrize('mean', [False, True])
+def test_diffusion_head_learns_two_modes_that_regression_would_average(mean):
     torch.manual_seed(0)
     D, C = 4, 8
-    head = DiffusionHead(D, C, 64, 2)
+    head = DiffusionHead(D, C, 64, 2, mean=mean)                          # mean: the residual around a regressed mean
     opt = torch.optim.Adam(head.parameters(), lr=3e-3)
     c_one, c_two = torch.randn(C), torch.randn(C)
     mode = torch.tensor([2.0, -1.0, 0.5, 1.0])
