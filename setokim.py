@@ -290,9 +290,11 @@ def mask_loss(pix_logits, gt, dice_weight=1.0):
 #           the condition) by the LLM's hidden state at the written position plus an embedding of t
 #   loss    ||v_hat - v||^2 per token, averaged over `draws` draws of (t, eps) of the same token: the
 #           GPT runs once per token, the cheap head several times (MAR's diffusion_batch_mul)
-#   sample  DDIM over `steps` evenly spaced times from 1 to 0, from x_1 ~ N(0, I). `temperature` is
-#           the share of DDPM's fresh noise added back at each step (0: deterministic DDIM, 1: ancestral
-#           DDPM sampling); the starting noise is what makes two samples differ
+#   sample  DDIM over `steps` evenly spaced times from 1 to 0 (deterministic: each step moves x_t along
+#           the predicted noise to t' < t), from x_1 ~ N(0, temperature^2 I). temperature 1 is a draw
+#           from what the head learned; below 1 it starts nearer the centre of the noise, the
+#           diffusion analogue of a lower softmax temperature (fewer rare tokens, less variety); the
+#           starting noise is all that makes two samples differ
 #   guidance for `cond_drop` of the training tokens the condition is replaced by a learned null vector,
 #           so the same head also knows p(token) with no prompt; sampling then follows
 #           v = v_null + cfg * (v_cond - v_null) (classifier-free guidance; cfg = 1: none)
@@ -371,11 +373,11 @@ class DiffusionHead(nn.Module):
         return (v_hat - (a * eps - s * x0)).pow(2).mean(-1).view(draws, R).mean(0) + reg
 
     @torch.no_grad()
-    def sample(self, c, steps=50, temperature=0.0, cfg=1.0, generator=None):
+    def sample(self, c, steps=50, temperature=1.0, cfg=1.0, generator=None):
         """c (R, C) conditions -> (R, D) sampled tokens (normalised space). generator: a torch.Generator
         on c's device for reproducible samples (None: the global one)."""
         R = len(c)
-        x = torch.randn(R, self.out.out_features, device=c.device, generator=generator)    # x_1: noise
+        x = temperature * torch.randn(R, self.out.out_features, device=c.device, generator=generator)   # x_1
         guide = cfg != 1.0
         if guide:                                                          # conditioned and null, one pass
             c = torch.cat([c, self.null.to(c.dtype).expand(R, -1)])
@@ -388,11 +390,7 @@ class DiffusionHead(nn.Module):
             a, s = alpha_sigma(ts[i])                                      # now: t
             a1, s1 = alpha_sigma(ts[i + 1])                                # next: t' < t
             x0, eps = a * x - s * v, s * x + a * v
-            # DDIM's step to t'; eta: the share `temperature` of DDPM's posterior noise
-            eta = temperature * s1 / s * (1 - (a / a1) ** 2).clamp_min(0).sqrt()
-            x = a1 * x0 + (s1 ** 2 - eta ** 2).clamp_min(0).sqrt() * eps
-            if temperature > 0:
-                x = x + eta * torch.randn(x.shape, device=x.device, generator=generator)
+            x = a1 * x0 + s1 * eps                                         # DDIM's step to t'
         return x if self.mean is None else x + self.mean(c[:R]).float()
 
 
@@ -543,7 +541,7 @@ class SETOKIM(nn.Module):
 
     @torch.no_grad()
     def generate(self, b, max_new_tokens, temperature=0.0, top_k=None, max_image_tokens=16, use_cache=True,
-                 img_temperature=0.0, diff_steps=50, cfg_scale=1.0, generator=None):
+                 img_temperature=1.0, diff_steps=50, cfg_scale=1.0, generator=None):
         """Continue LEFT-padded prompts b (collate(..., prompt_extra=...)) for up to max_new_tokens.
         Text steps sample any id but VIS; after [Img] every step is either another visual token or
         [/Img]: the LM head decides, restricted to {VIS, [/Img]}, with at least 1 and at most

@@ -102,7 +102,7 @@ diff_draws = 4                    # noise draws per written token in the diffusi
 cond_drop = 0.1                   # share of written tokens trained without their condition (for cfg_scale)
 copy_weight = 1.0                 # the copy head's cross-entropy, added to each written token's loss
 copy_tau = 0.1                    # a written token is the copy of an input token within this mean squared distance
-img_temperature = 0.0             # sampling: the share of DDPM's noise put back at each step (0: DDIM, deterministic)
+img_temperature = 1.0             # sampling: the scale of the diffusion head's starting noise (below 1: less variety)
 diff_steps = 50                   # sampling: denoising steps per token
 cfg_scale = 1.0                   # sampling: classifier-free guidance (1: none)
 # loss
