@@ -95,7 +95,7 @@ temperature = 0.0          # SETOKIM sampling: 0 = greedy (the most likely answe
 top_k = 0                  # SETOKIM sampling: keep the k most likely tokens (0 = all)
 max_new_tokens = 64        # SETOKIM: the longest answer, in tokens
 num_samples = 1            # --generate / --edit: this many images of the same prompt, side by side (seeds differ)
-img_temperature = 1.0      # the diffusion head: the scale of its starting noise (below 1: less variety)
+img_temperature = 0.25     # the diffusion head's starting noise scale (1: a plain draw; lower: less variety, surer)
 diff_steps = 50            # the diffusion head: denoising steps per token
 cfg_scale = 1.0            # the diffusion head: classifier-free guidance (1: none)
 # model shape, checked against the checkpoints; 0 = whatever the checkpoint says (a preset sets them)

@@ -71,7 +71,7 @@ class GPTConfig:
     gen_head: str = 'diffusion'  # 'diffusion': sampled by the per-token diffusion head | 'mse': regressed
     diff_width: int = 256      # the diffusion head's MLP width
     diff_depth: int = 3        # its residual blocks
-    diff_mean: bool = False    # diffuse the residual around a regressed mean (DiffusionHead)
+    diff_mean: bool = True     # diffuse the residual around a regressed mean (DiffusionHead)
     copy_head: bool = True     # a written token may point at one of the input image's tokens (editing)
     # ids of the text tokenizer's special tokens, used while generating: always set from the tokenizer
     # (GPTConfig.for_tokenizer); -1 = not set
@@ -295,6 +295,11 @@ def mask_loss(pix_logits, gt, dice_weight=1.0):
 #           from what the head learned; below 1 it starts nearer the centre of the noise, the
 #           diffusion analogue of a lower softmax temperature (fewer rare tokens, less variety); the
 #           starting noise is all that makes two samples differ
+#   mean    diff_mean (the default): the head diffuses the RESIDUAL x_0 - mu(c) around a mean mu(c)
+#           regressed by MSE, and a sample is mu(c) + the sampled residual. The mean learns what the
+#           condition says (which object, roughly where) as fast as regression does; the diffusion adds
+#           only what the condition leaves open, and sharpens. Without it (MAR's head) the head must
+#           learn to read its condition through the noise, which takes far more steps than the toy has
 #   guidance for `cond_drop` of the training tokens the condition is replaced by a learned null vector,
 #           so the same head also knows p(token) with no prompt; sampling then follows
 #           v = v_null + cfg * (v_cond - v_null) (classifier-free guidance; cfg = 1: none)

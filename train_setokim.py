@@ -96,13 +96,13 @@ mask_refine = True
 gen_head = 'diffusion'            # diffusion (a per-token diffusion head samples each written token) | mse (regression)
 diff_width = 256                  # the diffusion head's width and residual blocks
 diff_depth = 3
-diff_mean = False                 # the diffusion head samples the residual around a regressed mean
+diff_mean = True                  # the diffusion head samples the residual around a regressed mean (False: MAR's head)
 copy_head = True                  # written tokens may copy the input image's tokens (what an edit leaves alone)
 diff_draws = 4                    # noise draws per written token in the diffusion loss
 cond_drop = 0.1                   # share of written tokens trained without their condition (for cfg_scale)
 copy_weight = 1.0                 # the copy head's cross-entropy, added to each written token's loss
 copy_tau = 0.1                    # a written token is the copy of an input token within this mean squared distance
-img_temperature = 1.0             # sampling: the scale of the diffusion head's starting noise (below 1: less variety)
+img_temperature = 0.25            # sampling: the diffusion head's starting noise scale (1: a plain draw; lower: surer)
 diff_steps = 50                   # sampling: denoising steps per token
 cfg_scale = 1.0                   # sampling: classifier-free guidance (1: none)
 # loss
