@@ -66,7 +66,7 @@ def test_diffusion_head_learns_two_modes_that_regression_would_average(mean):
     c_one, c_two = torch.randn(C), torch.randn(C)
     mode = torch.tensor([2.0, -1.0, 0.5, 1.0])
     losses = []
-    for _ in range(300):          # condition one: the token is `mode`; condition two: +mode or -mode, a coin flip
+    for _ in range(200):          # condition one: the token is `mode`; condition two: +mode or -mode, a coin flip
         one = torch.rand(256) < 0.5
         sign = torch.where(torch.rand(256) < 0.5, 1.0, -1.0)
         x0 = torch.where(one[:, None], mode, sign[:, None] * mode) + 0.05 * torch.randn(256, D)
