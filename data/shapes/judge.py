@@ -15,11 +15,10 @@ How it reads an image (batched over images, no loop over pixels or objects):
   3. shape and size: the component is compared with the 12 templates (6 shapes x 2 sizes, the world's
      own masks: prepare.shape_mask) centred on the component's box, each shifted by up to one pixel;
      the template with the largest IoU names both;
-  4. cell and centre: the box centre, with the world's own rule (prepare.geometry) for the 3x3 cell.
+  4. cell and centre: the box centre, with the world's own rule (prepare.cell) for the 3x3 cell.
 
 score_t2i and score_edit compare what the judge reads with what the prompt asked for.
 """
-import json
 import os
 import sys
 from collections import Counter
@@ -27,13 +26,13 @@ from collections import Counter
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
-from common import configure, die  # noqa: E402
-from data.shapes.prepare import COLORS, POSITIONS, SHAPES, SIZES, shape_mask  # noqa: E402
+from common import configure  # noqa: E402
+from data.shapes.prepare import COLORS, POSITIONS, SHAPES, SIZES, cell, shape_mask  # noqa: E402
+from data.world import load_png, read_jsonl, resolve_world  # noqa: E402
 
 TAU = 75.0         # RGB distance (0..255 units) under which a pixel has an object colour
 MIN_AREA = 24      # pixels; the smallest object (a small star at 64 px) has about 70
@@ -57,20 +56,15 @@ def templates(image_size):
     return _TEMPLATES[image_size]
 
 
-def cell(cx, cy, image_size):
-    """The 3x3 position of a box centre (prepare.geometry's rule)."""
-    col, row = min(2, int((cx + 0.5) * 3 / image_size)), min(2, int((cy + 0.5) * 3 / image_size))
-    return POSITIONS[3 * row + col]
-
-
 def components(colour, obj):
     """colour (B,H,W) long, obj (B,H,W) bool -> labels (B,H,W) long: one id per 8-connected component
     of same-colour object pixels (0 = not an object pixel)."""
     B, H, W = obj.shape
     lab = torch.where(obj, torch.arange(1, B * H * W + 1).view(B, H, W), 0)
+    own = colour[:, None] == torch.arange(len(COLORS))[None, :, None, None]     # (B, 8, H, W) one channel per colour
     while True:
-        # a neighbour's label counts only if it has the same colour: one channel per colour
-        per = torch.where(colour[:, None] == torch.arange(len(COLORS))[None, :, None, None], lab[:, None], 0)
+        # a neighbour's label counts only if it has the same colour: pool each colour's channel alone
+        per = torch.where(own, lab[:, None], 0)
         grown = F.max_pool2d(per.double(), 3, stride=1, padding=1).long().gather(1, colour[:, None])[:, 0]
         new = torch.where(obj, torch.maximum(lab, grown), 0)
         if torch.equal(new, lab):
@@ -217,15 +211,11 @@ if __name__ == '__main__':
     split = 'test'
     batch = 256
     configure(globals())
-    path = os.path.join(data_dir if os.path.isabs(data_dir) else os.path.join(_REPO, data_dir), f'{split}.jsonl')
-    if not os.path.isfile(path):
-        die(f"no {path}: prepare the world first (python data/shapes/prepare.py data_dir={data_dir})")
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
-    root = os.path.dirname(path)
+    world = resolve_world(data_dir)
+    records = read_jsonl(os.path.join(world, f'{split}.jsonl'), 'manifest')
     pred = []
     for i in range(0, len(records), batch):
-        imgs = np.stack([np.asarray(Image.open(os.path.join(root, r['image'])).convert('RGB')) for r in records[i:i + batch]])
+        imgs = np.stack([load_png(world, r['image'], 'RGB') for r in records[i:i + batch]])
         pred += judge(torch.from_numpy(imgs))
     objs, imgs = accuracy(pred, [r['objects'] for r in records])
     print(f"judge accuracy on the true {split} renders: {objs:.4f} of {sum(len(r['objects']) for r in records)} objects "

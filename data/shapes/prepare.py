@@ -400,9 +400,13 @@ def _geometry(shape, size, xy, image_size):
     x0, y0 = xy
     bbox = (x0, y0, x0 + w - 1, y0 + h - 1)
     cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
-    col = min(2, int((cx + 0.5) * 3 / image_size))
-    row = min(2, int((cy + 0.5) * 3 / image_size))
-    return bbox, (cx, cy), POSITIONS[3 * row + col]
+    return bbox, (cx, cy), cell(cx, cy, image_size)
+
+
+def cell(cx, cy, image_size):
+    """The 3x3 position (POSITIONS) of the pixel that holds the centre (cx, cy)."""
+    col, row = min(2, int((cx + 0.5) * 3 / image_size)), min(2, int((cy + 0.5) * 3 / image_size))
+    return POSITIONS[3 * row + col]
 
 
 def caption_order(objs, image_size):
