@@ -69,7 +69,7 @@ from data.batch import encode_conversation
 from data.world import IMAGE_EXTS, ImageError
 from data.world import load_image as load_image_uint8
 from detok import psnr
-from setokim import reading_order, visual_tokens
+from setokim import reading_order, sampling_error, visual_tokens
 
 # -----------------------------------------------------------------------------
 # settings
@@ -384,12 +384,10 @@ def main(settings):
     if settings['threads']:
         torch.set_num_threads(settings['threads'])
     torch.manual_seed(settings['seed'])
-    for name, ok, want in (('num_samples', settings['num_samples'] >= 1, 'an integer >= 1'),
-                           ('diff_steps', settings['diff_steps'] >= 1, 'an integer >= 1'),
-                           ('img_temperature', settings['img_temperature'] >= 0, '>= 0'),
-                           ('cfg_scale', settings['cfg_scale'] >= 0, '>= 0')):
-        if not ok:
-            die(f"{name}={settings[name]}: expected {want}")
+    if settings['num_samples'] < 1:
+        die(f"num_samples={settings['num_samples']}: expected an integer >= 1")
+    if err := sampling_error(settings['diff_steps'], settings['img_temperature'], settings['cfg_scale']):
+        die(err)
     files = expand_images(settings['image'])
     for mode in ('prompt', 'refer', 'edit'):
         if settings[mode] and not files:

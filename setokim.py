@@ -399,6 +399,17 @@ class DiffusionHead(nn.Module):
         return x if self.mean is None else x + self.mean(c[:R]).float()
 
 
+def sampling_error(diff_steps, img_temperature, cfg_scale):
+    """The first bad sampling setting of the diffusion head as 'name=value: expected ...', or ''
+    (train_setokim.py and sample.py turn it into their one-line error)."""
+    for name, value, ok, want in (('diff_steps', diff_steps, diff_steps >= 1, 'an integer >= 1'),
+                                  ('img_temperature', img_temperature, img_temperature >= 0, '>= 0'),
+                                  ('cfg_scale', cfg_scale, cfg_scale >= 0, '>= 0')):
+        if not ok:
+            return f"{name}={value}: expected {want}"
+    return ''
+
+
 def alpha_sigma(t):
     """The cosine schedule: sqrt(abar(t)) = cos(pi t / 2) and sqrt(1 - abar(t)) = sin(pi t / 2), as
     (..., 1) columns when t is a vector."""

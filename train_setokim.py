@@ -56,7 +56,7 @@ from data.text import TextTokenizer, tiktoken_gpt2
 from data.world import resolve_world, world_settings, world_splits
 from eval_setokim import Eval, evaluate, fmt, stat_vector, stream_losses
 from pretrained import gpt2_shape, init_gpt2, pretrained_config
-from setokim import SETOKIM, GPTConfig, setok_tokens
+from setokim import SETOKIM, GPTConfig, sampling_error, setok_tokens
 
 # -----------------------------------------------------------------------------
 # settings
@@ -92,7 +92,7 @@ mask_dim = 128
 mask_depth = 2
 mask_n_head = 4
 mask_refine = True
-# writing images (setokim.py section 5)
+# writing images (setokim.py section 4)
 gen_head = 'diffusion'            # diffusion (a per-token diffusion head samples each written token) | mse (regression)
 diff_width = 256                  # the diffusion head's width and residual blocks
 diff_depth = 3
@@ -154,13 +154,12 @@ if text_tokenizer not in ('sentencepiece', 'gpt2'):
 if gen_head not in ('diffusion', 'mse'):
     die(f"gen_head={gen_head}: expected diffusion or mse")
 for name, value, ok, want in (('diff_draws', diff_draws, diff_draws >= 1, 'an integer >= 1'),
-                              ('diff_steps', diff_steps, diff_steps >= 1, 'an integer >= 1'),
                               ('cond_drop', cond_drop, 0 <= cond_drop < 1, 'in [0, 1)'),
-                              ('copy_tau', copy_tau, copy_tau > 0, '> 0'),
-                              ('img_temperature', img_temperature, img_temperature >= 0, '>= 0'),
-                              ('cfg_scale', cfg_scale, cfg_scale >= 0, '>= 0')):
+                              ('copy_tau', copy_tau, copy_tau > 0, '> 0')):
     if not ok:
         die(f"{name}={value}: expected {want}")
+if err := sampling_error(diff_steps, img_temperature, cfg_scale):
+    die(err)
 repeat = parse_repeat(task_repeat)
 if repeat and data_dirs:
     die("task_repeat mixes the shapes world's tasks; mix streamed worlds (data_dirs) with data_weights")
