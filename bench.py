@@ -15,6 +15,8 @@ Machines here are shared and noisy, so every speed figure is either a ratio of t
 the same run, interleaved (A, B, A, B, ... and the median of each side), or a throughput printed next
 to the machine's name. The rows:
 
+  peak      the machine's usable peak: a large square matmul in float32 and in bf16, FLOP/s. The
+            train rows give each step's counted FLOP rate as a share of it (MFU, on a CPU too).
   tokenize  SeTok's tokenization (density-peak clustering + token merger), batched as setok.py does
             it, against the authors' algorithm: one image at a time (DPC-KNN on that image), one
             cluster at a time (the intra-cluster transformer on that cluster's patches alone, mean
@@ -25,8 +27,9 @@ to the machine's name. The rows:
   ratio     clustering + merger against the ViT encoder's forward (SigLIP so400m shapes), same batch.
             Target: <= 25% of the encoder.
   train     images/s and tokens/s of train_setok.py and train_setokim.py (the scripts themselves,
-            run as subprocesses on a small world of the same kind), eager against torch.compile;
-            MFU on GPU.
+            run as subprocesses on a small world of the same kind), eager against torch.compile, in
+            the scripts' dtype=auto (dtype=float32 for the float32 step); each with its counted
+            FLOP rate and MFU, a share of the peak row's figure for the run's dtype.
   ddp       train_setok.py under torchrun with 2 processes (gloo on CPU) against 1, same global batch.
   memory    peak resident memory of a config=small train_setok.py run on the real world.
   smoke     (not in the default rows) what train_setok.py and train_setokim.py would build at a
@@ -60,21 +63,20 @@ import time
 from dataclasses import asdict, fields
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from common import HERE, RunLog, configure, die, load_preset, peak_flops, pick_device, timed_step
+from common import HERE, RunLog, configure, die, load_preset, pick_device, timed_step
 from data.batch import Bank, collate, encode_conversation, pack
 from data.conversations import TASKS
 from data.shapes.prepare import ensure_world
 from data.text import TextTokenizer
-from detok import DetokConfig, Detokenizer, Tokenizer
+from detok import DetokConfig, Tokenizer
 from pretrained import gpt2_shape, init_gpt2, init_vit, pretrained_config, vit_shape
 from setok import MLP, SeTok, SeTokConfig, TokenMerger, ViT, density_peak_cluster, pos_embed_2d
 from setokim import SETOKIM, GPTConfig
 
 # -----------------------------------------------------------------------------
 # settings
-rows = 'tokenize,ratio,train,ddp,memory'   # which rows, comma-separated (also: smoke)
+rows = 'peak,tokenize,ratio,train,ddp,memory'   # which rows, comma-separated (also: smoke)
 device = 'cpu'                    # cpu | cuda | cuda:1 | auto
 dtype = 'auto'                    # auto (bf16 autocast on capable GPUs, else float32) | float32 | bfloat16
 threads = 0                       # CPU threads, in this process and in the training scripts (0: torch's default)
@@ -154,7 +156,7 @@ SHAPES['small'] = dict(grid=_s['image_size'] // _s['patch_size'], patch=_s['patc
                        inter=_s['inter_depth'], token_dim=_s['token_dim'], k=_s['cluster_k'],
                        threshold=_s['cluster_threshold'], min_tokens=1, max_tokens=_s['max_tokens'],
                        pos_weight=_s['cluster_pos_weight'], regions=(3, 10))
-ROWS = ('tokenize', 'ratio', 'train', 'ddp', 'memory', 'smoke')
+ROWS = ('peak', 'tokenize', 'ratio', 'train', 'ddp', 'memory', 'smoke')
 
 
 def split(text, allowed, what):
@@ -424,33 +426,45 @@ def setokim_run(preset, dev, comp, steps, warmup, nthreads, setok_ckpt, tag):
     return r
 
 
-def mfu_setok(preset, dev, img_s):
-    """Model FLOPs utilisation of train_setok.py: forward FLOPs of SeTok + detokenizer per image
-    (counted by FlopCounterMode; the small text encoder is left out), x3 for forward + backward."""
-    peak = peak_flops(dev)
-    if peak is None:
-        return 'MFU: peak FLOP/s of this GPU unknown'
-    c = load_preset(preset)
-    sc = SeTokConfig(**{f.name: c[f.name] for f in fields(SeTokConfig) if f.name in c})
-    dc = DetokConfig(**{f.name: c.get(f'dec_{f.name}', c.get(f.name)) for f in fields(DetokConfig)
-                        if f'dec_{f.name}' in c or f.name in ('image_size', 'token_dim')})
-    setok, detok = SeTok(sc).to(dev), Detokenizer(dc).to(dev)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        tokens, mask, _ = setok(torch.rand(2, 3, sc.image_size, sc.image_size, device=dev))
-        detok(tokens, mask)
-    return f"MFU {100 * 3 * fc.get_total_flops() / 2 * img_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s"
+PEAKS = {}
 
 
-def mfu_setokim(preset, dev, records, tok_s, seq_len):
-    """nanoGPT's estimate (setokim.GPT.estimate_mfu): 6N + 12 L C T FLOPs per token, N the GPT's
-    non-embedding parameters (the setup record's gpt_params), T the mean sequence length."""
-    peak = peak_flops(dev)
-    n = next((rec.get('gpt_params') for rec in records if rec['kind'] == 'setup'), None)
-    if peak is None or n is None:
-        return 'MFU: unknown'
-    c = load_preset(preset)
-    flops = 6 * n + 12 * c['llm_n_layer'] * c['llm_n_embd'] * seq_len
-    return f"MFU {100 * flops * tok_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s (GPT only)"
+def matmul_peak(dev, dt):
+    """The machine's usable peak in dtype dt: FLOP/s of a large square matmul (2048 on a CPU, 8192 on
+    a GPU), the median of `repeats`, measured once per bench run. MFU is a share of it."""
+    if dt not in PEAKS:
+        n = 8192 if dev.startswith('cuda') else 2048
+        a, b = (torch.randn(n, n, device=dev, dtype=dt) for _ in range(2))
+        a @ b                                                               # warm-up
+        (t,), _ = interleaved([lambda: a @ b], dev, repeats)
+        PEAKS[dt] = (2 * n ** 3 / t, n)
+    return PEAKS[dt]
+
+
+def peak_rows(dev):
+    out = []
+    for dt in (torch.float32, torch.bfloat16):
+        flops, n = matmul_peak(dev, dt)
+        out.append(dict(row=f"matmul peak, {str(dt).replace('torch.', '')}", figure=f"{flops / 1e9:.0f} GFLOP/s",
+                        target='-', ok=None, check='',
+                        notes=f"{n} x {n} @ {n} x {n}, median of {repeats}: the usable peak the MFU figures are shares of"))
+    return out
+
+
+def mfu(runs, rate, dev, key):
+    """The achieved FLOP rate of a training step and its share of the matmul peak of the run's dtype.
+    key: 'flops' (train_setok.py: the FLOPs of one step, rate in steps/s) or 'flops_tok'
+    (train_setokim.py: FLOPs per LLM token, rate in tokens/s), counted by the script on its first
+    step with torch.utils.flop_counter (forward + backward; eager runs only, so a compiled run takes
+    the eager run's count)."""
+    recs = [r for run in runs for r in run['log']]
+    count = next((r[key] for r in recs if r['kind'] == 'train' and r.get(key)), None)
+    if count is None:
+        return 'MFU: no FLOP count in the logs'
+    name = next((r.get('dtype') for r in recs if r['kind'] == 'setup'), None) or 'float32'
+    peak, _ = matmul_peak(dev, getattr(torch, name))
+    return (f"{count * rate / 1e9:.0f} GFLOP/s counted ({count / 1e9:.2f} GFLOP per "
+            f"{'step' if key == 'flops' else 'token'}): MFU {100 * count * rate / peak:.0f}% of the {name} matmul peak")
 
 
 def train_rows(dev):
@@ -482,7 +496,7 @@ def train_row(script, preset, name, dev):
     nthreads = threads or torch.get_num_threads()
     if script == 'setokim':   # a SeTok checkpoint of the current code to read tokens from
         _, ckpt = setok_run(preset, dev, 'False', 0, 1, 2, nthreads, 'for_setokim')
-    rate, per_step, log = {s: [] for s in sides}, {s: [] for s in sides}, []
+    rate, per_step, runs = {s: [] for s in sides}, {s: [] for s in sides}, []
     for _ in range(train_repeats):
         for side in sides:
             if script == 'setok':
@@ -492,7 +506,7 @@ def train_row(script, preset, name, dev):
                 r = setokim_run(preset, dev, side, steps, warmup, nthreads, ckpt, f'compile{side}')
                 rate[side].append(steps_per_s(r['log'], warmup, warmup + steps + 1, stage=1))
                 per_step[side].append(llm_tokens_per_step(r['log'], 1))
-                log = r['log']
+            runs.append(r)
     out = []
     for side in sides:
         sps = statistics.median(rate[side])
@@ -500,17 +514,17 @@ def train_row(script, preset, name, dev):
         if script == 'setok':
             patches = (c['image_size'] // c['patch_size']) ** 2
             tok = f"{img_s * patches:.0f} patch tokens/s ({patches} per image)"
-            mfu = mfu_setok(preset, dev, img_s) if gpu else ''
+            util = mfu(runs, sps, dev, 'flops')
         else:
             tps = statistics.median(per_step[side])
             tok = f"{sps * tps:.0f} tokens/s (LLM tokens, {tps / batch:.0f} per sequence, one image each)"
-            mfu = mfu_setokim(preset, dev, log, sps * tps, tps / batch) if gpu else ''
+            util = mfu(runs, sps * tps, dev, 'flops_tok')
         speed = f"; {sps / statistics.median(rate['False']):.2f}x eager" if side == 'True' else ''
         out.append(dict(
             row=f"{name}, {'compile' if side == 'True' else 'eager'}", figure=f"{img_s:.1f} img/s{speed}",
             target='-', ok=None, check='',
-            notes=f"{tok}; batch {batch}{' (reduced on CPU)' if cpu_full else ''}, steps {warmup}..{warmup + steps} "
-                  f"timed, median of {train_repeats} runs{', ' + mfu if mfu else ''}"))
+            notes=f"{util}; {tok}; batch {batch}{' (reduced on CPU)' if cpu_full else ''}, steps {warmup}..{warmup + steps} "
+                  f"timed, median of {train_repeats} runs"))
     return out
 
 
@@ -739,7 +753,9 @@ if __name__ == '__main__':
     results = []
     for row in todo:
         t0 = time.time()
-        if row == 'tokenize':
+        if row == 'peak':
+            results += peak_rows(dev)
+        elif row == 'tokenize':
             for name in split(shapes, tuple(SHAPES), 'shapes'):
                 results += tokenize_row(name, dev, ctx)
         elif row == 'ratio':

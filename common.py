@@ -4,7 +4,8 @@ The plumbing that every nanoSeTok script shares, written once:
   configure(...)     nanoGPT-style configuration: plain module-level values overridden from the
                      command line (key=value, --key=value, --key value, config=NAME); as_list
   die(...)           a one-line error and exit code 2, never a traceback
-  pick_device(...)   cuda > mps > cpu, and the autocast context that goes with it; compile_on
+  pick_device(...)   cuda > mps > cpu, and the autocast context that goes with it; compile_on,
+                     cpu_has_bf16, keep_freed_memory (glibc's allocator, for CPU steps)
   adamw(...)         AdamW with weight decay on the matrices only
   setup_ddp(), wrap_ddp(...), gather_all(...)   torchrun-aware DistributedDataParallel (nccl / gloo)
   timed_step(...)    the time and peak GPU memory of one training step (bench.py's smoke row)
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils import flop_counter
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
@@ -174,20 +176,62 @@ def as_list(value, kind=str):
 # -----------------------------------------------------------------------------
 # devices, precision, distributed
 
-def pick_device(device='auto', dtype='auto'):
-    """Returns (device string, torch dtype for autocast, autocast context). cuda > mps > cpu."""
+def cpu_has_bf16():
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there a bf16 matmul runs about
+    4x float32's (bench.py's peak row); elsewhere bf16 is emulated and slower than float32."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((l.split(':', 1)[1].split() for l in f if l.startswith('flags')), [])
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+def pick_device(device='auto', dtype='auto', cpu_bf16=False):
+    """Returns (device string, torch dtype for autocast, autocast context). cuda > mps > cpu.
+    dtype=auto: bf16 autocast on GPUs that have it; on a CPU only where the caller found it faster
+    (cpu_bf16: train_setok.py) and the CPU has native bf16, else float32."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     if dtype == 'auto':
-        dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+        bf16 = (torch.cuda.is_bf16_supported() if device.startswith('cuda') else
+                device == 'cpu' and cpu_bf16 and cpu_has_bf16())
+        dtype = 'bfloat16' if bf16 else 'float32'
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     dev_type = 'cuda' if device.startswith('cuda') else device
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=dev_type, dtype=ptdtype)
     return device, ptdtype, ctx
 
 
+# torch.utils.flop_counter counts the GPUs' fused attention kernels but not the CPU's (0 FLOPs): the same formulas
+for _op, _formula in ((torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, flop_counter.sdpa_flop),
+                      (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, flop_counter.sdpa_backward_flop)):
+    if _op not in flop_counter.flop_registry and _op.default not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(_op, get_raw=True)(_formula)   # _formula already takes tensors
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for the next step. By default it hands large freed blocks back
+    to the kernel, so every step page-faults its big activations in again (SeTok's detokenizer makes
+    25 MB tensors): a fifth of SeTok's CPU step went to the kernel. Blocks up to 32 MB (glibc's
+    largest mmap threshold) now come from the heap, and the heap keeps up to 1 GB it could trim.
+    No-op where the C library is not glibc."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3           # malloc.h
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TOP_PAD, 64 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 def compile_on(setting, dev):
-    """The compile setting: True/False, or auto = on for CUDA (on the CPU it does not pay at these widths)."""
+    """The compile setting: True/False, or auto = on for CUDA. Not on a CPU: there a step's time is in
+    the fused attention kernel and the matmuls, which compiled code calls just the same; what Inductor
+    fuses (the element-wise rest) is a small share, the density-peak clustering (sorts, top-k) splits
+    SeTok's graph, and compiling costs about a minute on 2 cores (RESULTS.md, section 12)."""
     return str(setting).lower() in ('true', '1', 'yes') or (setting == 'auto' and str(dev).startswith('cuda'))
 
 

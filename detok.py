@@ -7,9 +7,9 @@ the sprites are alpha-composited into the image, as in layered / sprite-based sc
 
     tokens (B, K, D), token_mask (B, K)
       -> frame:  each token's centre (x, y) and spread (sx, sy), read from the token        (B, K, 2) x2
-      -> sprite: an MLP turns each token into S x S colours (3) and alpha logits (1)        (B*K, 4, S, S)
+      -> sprite: an MLP turns each token into S x S colours (3) and alpha logits (1)        (B, K, 4, S, S)
       -> every pixel is looked up in every token's sprite at its coordinates relative to the
-         token's frame, (pixel - centre) / (R * spread), with bilinear interpolation        (B, K, 4, H*W)
+         token's frame, (pixel - centre) / (R * spread), with bilinear interpolation        (B, K, 4, H, W)
       -> alpha: softmax over the real tokens of (sprite alpha logit - log spread area)
       -> image = sum_k alpha_k * colour_k                                                  (B, 3, H, W)
 
@@ -18,8 +18,8 @@ renderer lets each token draw its own region. In the token's frame a red star lo
 it is and however large it is, so one S x S template per concept is all the MLP has to learn; the
 bilinear lookup of alpha *logits* puts the edge between two sprite cells, so edges come out sharp at
 sub-pixel positions (the softmax over tokens turns a steep logit into a hard boundary). It is also
-cheap: the MLP runs once per token, not per (token, pixel) pair, and the per-pixel work is one
-grid_sample. Where sprites overlap the smaller one wins (- log area, as in a mixture of densities), so
+cheap: the MLP runs once per token, not per (token, pixel) pair, and since a frame is axis-aligned
+the bilinear lookup splits into rows and columns: two small matmuls per token (lookup_weights). Where sprites overlap the smaller one wins (- log area, as in a mixture of densities), so
 objects sit on their background. A token's frame is *predicted* from the token (trained against the
 centroid and spread of the token's cluster, `geometry_loss`, and by the pixels through the lookup),
 never read from the clustering, so the same renderer draws the tokens that SETOKIM writes.
@@ -68,39 +68,57 @@ def cluster_geometry(labels, grid, K):
     return mean, var.clamp_min(0).sqrt().clamp_min(1.0 / grid)
 
 
+def lookup_weights(uv, S):
+    """Bilinear interpolation as weights: uv (..., n) coordinates in [-1, 1] sprite units -> (..., n, S),
+    the weight of each of the S sprite cells, exactly what F.grid_sample(mode='bilinear',
+    padding_mode='border', align_corners=False) gives. Cell j has its centre at -1 + (2j + 1) / S;
+    a coordinate at fractional cell index i takes weight max(0, 1 - |i - j|) from cell j (the two
+    nearest cells, 1 - frac and frac); outside the sprite the index is clamped, so the border repeats.
+    Because a weight is a matrix entry, the lookup of a whole sprite is a matmul."""
+    i = (((uv + 1) * S - 1) / 2).clamp(0, S - 1)                                       # (..., n) cell index
+    return (1 - (i[..., None] - torch.arange(S, device=uv.device)).abs()).clamp_min(0)   # (..., n, S)
+
+
 class Detokenizer(nn.Module):
     def __init__(self, cfg: DetokConfig):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer('pix', pixel_coords(cfg.image_size), persistent=False)     # (H*W, 2)
+        c = pixel_coords(cfg.image_size)[:cfg.image_size, 0]                             # (W,) column centres = row centres
+        self.register_buffer('coord', c[:, None].expand(-1, 2).contiguous(), persistent=False)   # (H, 2): (x of column i, y of row i)
         self.geo = nn.Linear(cfg.token_dim, 4)                  # -> centre (2), log spread (2)
         self.sprite = MLP(cfg.token_dim, cfg.dim, 4 * cfg.sprite_size ** 2)   # -> S*S colours (3) + alpha logit (1)
 
     def geometry(self, tokens):
         """tokens (B, K, D) -> centre (B, K, 2) in [-1, 1], spread (B, K, 2) > 0."""
-        g = self.geo(tokens.float())
+        with torch.autocast(tokens.device.type, enabled=False):                          # as forward
+            g = self.geo(tokens.float())
         return torch.tanh(g[..., :2]), g[..., 2:].clamp(-6, 2).exp()
 
     def forward(self, tokens, token_mask):
+        # float32 under autocast too: the alpha logits are steep (sharpness) and the frames set where
+        # every edge falls; bf16's 8-bit mantissa would move both. The MLP is small, the pixel work memory-bound.
+        with torch.autocast(tokens.device.type, enabled=False):
+            return self.render(tokens.float(), token_mask)
+
+    def render(self, tokens, token_mask):
         B, K, _ = tokens.shape
         H, S = self.cfg.image_size, self.cfg.sprite_size
         centre, spread = self.geometry(tokens)                                           # (B, K, 2) x2
-        # every pixel in every token's frame: [-1, 1] spans the sprite, beyond it the border repeats
-        uv = (self.pix - centre[:, :, None]) / (self.cfg.sprite_range * spread[:, :, None])  # (B, K, H*W, 2)
-        # grid_sample turns these into memory offsets: a NaN or inf (a diverged run) crashes it on the CPU.
-        # Past +-1 the border repeats anyway, so the clamp changes nothing for finite values.
-        uv = torch.nan_to_num(uv).clamp(-1.5, 1.5)
-        sprites = self.sprite(tokens).float().view(B * K, 4, S, S)                       # (B*K, 4, S, S)
-        out = F.grid_sample(sprites, uv.view(B * K, 1, H * H, 2), mode='bilinear',
-                            padding_mode='border', align_corners=False).view(B, K, 4, H * H)  # (B, K, 4, H*W)
+        sprites = self.sprite(tokens).view(B, K, 4, S, S)                                # (B, K, 4, S, S) rows y, cols x
+        # every pixel column (x) and row (y) in every token's frame: [-1, 1] spans the sprite
+        uv = (self.coord - centre[:, :, None]) / (self.cfg.sprite_range * spread[:, :, None])  # (B, K, H, 2)
+        wx, wy = lookup_weights(uv, S).unbind(3)                                         # (B, K, H, S) x2
+        # the frame is axis-aligned, so the bilinear lookup is separable: rows, then columns. Colours and
+        # alpha are looked up apart, so neither backward has to scatter into the other's slice.
+        look = lambda sp: wy[:, :, None] @ sp @ wx[:, :, None].transpose(-1, -2)        # (B, K, c, S, S) -> (B, K, c, H, W)
+        colour, a = look(sprites[:, :, :3]), look(sprites[:, :, 3:])[:, :, 0]            # (B, K, 3, H, W), (B, K, H, W)
         # A hard edge needs alpha logits that jump by ~10 between neighbouring cells. Adam moves every
         # weight at about the same rate whatever its gradient, so un-scaled logits take thousands of
         # steps to grow that steep (the edges stay soft); the gain makes them steep from the start.
-        logit = self.cfg.sharpness * out[:, :, 3] - spread.log().sum(-1)[..., None]     # (B, K, H*W) smaller wins
-        logit = logit.masked_fill(~token_mask[..., None], float('-inf'))
+        logit = self.cfg.sharpness * a - spread.log().sum(-1)[..., None, None]           # (B, K, H, W) smaller wins
+        logit = logit.masked_fill(~token_mask[..., None, None], float('-inf'))
         alpha = logit.softmax(1)                                                         # over tokens
-        rgb = (alpha[:, :, None] * out[:, :, :3]).sum(1) + 0.5                           # (B, 3, H*W)
-        return rgb.view(B, 3, H, H)                                                      # (B, 3, H, W)
+        return (alpha[:, :, None] * colour).sum(1) + 0.5                                 # (B, 3, H, W)
 
     def geometry_loss(self, tokens, token_mask, labels, grid):
         """MSE between each real token's predicted centre / log spread and those of its cluster."""

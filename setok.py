@@ -68,7 +68,13 @@ class Attention(nn.Module):
             if 'k' in cache:
                 k, v = torch.cat([cache['k'], k], 2), torch.cat([cache['v'], v], 2)        # (B, h, Nk, C/h)
             cache['k'], cache['v'] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                          # (B, h, Nq, C/h)
+        if q.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+            # the CPU's fused attention kernel is about 2x slower in bf16 than in float32 at these head
+            # widths (bench.py's attention row), so under bf16 autocast only the projections run in bf16
+            with torch.autocast('cpu', enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                      # (B, h, Nq, C/h)
         return self.proj(y.transpose(1, 2).reshape(B, Nq, C))
 
 
@@ -432,6 +438,11 @@ def concept_contrastive_loss(tokens, token_mask, concepts, concept_ids, concept_
     over the images containing that phrase (a phrase shared by two images is a positive for both,
     so there are no false negatives). Shapes stay static (padded slots are masked), so it compiles.
     """
+    with torch.autocast(tokens.device.type, enabled=False):   # float32: bf16 cosines, x100, would be off by ~0.4
+        return _contrastive(tokens.float(), token_mask, concepts.float(), concept_ids, concept_valid, logit_scale)
+
+
+def _contrastive(tokens, token_mask, concepts, concept_ids, concept_valid, logit_scale):
     B, P, D = concepts.shape
     t = F.normalize(tokens.float(), dim=-1)                                 # (B, K, D)
     c = F.normalize(concepts.float(), dim=-1).reshape(B * P, D)             # (M, D), M = B*P

@@ -28,11 +28,12 @@ from dataclasses import asdict, fields
 import numpy as np
 import sentencepiece as spm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoint import (RunLock, check_config, check_resume, load_checkpoint, load_weights, rng_state, save_checkpoint,
                         set_rng_state)
-from common import (HERE, Progress, RunLog, adamw, as_list, cluster_overlay, compile_on, configure, die, lr_at,
-                    pick_device, plot_curves, save_panel, setup_ddp, to_uint8, wrap_ddp)
+from common import (HERE, Progress, RunLog, adamw, as_list, cluster_overlay, compile_on, configure, die,
+                    keep_freed_memory, lr_at, pick_device, plot_curves, save_panel, setup_ddp, to_uint8, wrap_ddp)
 from data.order import DataOrder
 from data.shapes.prepare import prepare
 from data.stream import StreamingLoader
@@ -109,7 +110,7 @@ beta2 = 0.95
 grad_clip = 1.0
 # system
 device = 'auto'                   # auto | cpu | cuda | cuda:1 | mps
-dtype = 'auto'                    # auto (bf16 on capable GPUs, else float32) | float32 | bfloat16
+dtype = 'auto'                    # auto (bf16 on capable GPUs and on CPUs with native bf16, else float32) | float32 | bfloat16
 compile = 'auto'                  # auto: on for CUDA | True | False
 threads = 0                       # CPU threads (0: torch's default)
 config = configure(globals())
@@ -327,7 +328,11 @@ def build_model(scfg, dcfg, sp, ck=None):
 
 if __name__ == '__main__':
     ddp, rank, world, dev = setup_ddp(device)
-    dev, ptdtype, ctx = pick_device(dev, dtype)
+    # dtype=auto trains in bf16 on a CPU with native bf16: its matmuls run 4x faster there, and attention
+    # (setok.Attention) and the detokenizer's per-pixel work stay in float32 (RESULTS.md, section 12)
+    dev, ptdtype, ctx = pick_device(dev, dtype, cpu_bf16=True)
+    if dev == 'cpu':
+        keep_freed_memory()
     master = rank == 0
     if threads:
         torch.set_num_threads(threads)
@@ -456,10 +461,11 @@ if __name__ == '__main__':
     log = RunLog(os.path.join(out, 'log.jsonl'), keep=(lambda r: r['step'] <= step) if ck is not None else None,
                  enabled=master)
     if ck is None:
-        log.write('setup', 0, params=sum(p.numel() for p in model.parameters()), images=n_train, world=world)
+        log.write('setup', 0, params=sum(p.numel() for p in model.parameters()), images=n_train, world=world,
+                  dtype=str(ptdtype).replace('torch.', ''))
     total = lr_decay_iters or max_iters
     bar = Progress(max_iters, step, 'train_setok', log_interval, enabled=master)
-    t0, seen = time.time(), 0
+    t0, seen, step_flops = time.time(), 0, None
     while step < max_iters:
         lr = lr_at(step, learning_rate, warmup_iters, total, min_lr_ratio)
         for g in opt.param_groups:
@@ -467,9 +473,14 @@ if __name__ == '__main__':
         for micro in range(grad_accum):
             img, ids, valid = next_batch(step, micro)
             sync = not ddp or micro == grad_accum - 1
-            with ctx, (fwd.no_sync() if not sync else nullcontext()):
+            # the first micro-step's FLOPs are counted (forward + backward; eager only): the log's
+            # 'flops' is one step of this process, from which bench.py gives the CPU / GPU MFU
+            count = FlopCounterMode(display=False) if step_flops is None and fwd is model else nullcontext()
+            with ctx, count, (fwd.no_sync() if not sync else nullcontext()):
                 loss, stats = fwd(img, ids, valid)
                 (loss / grad_accum).backward()
+            if step_flops is None:
+                step_flops = count.get_total_flops() * grad_accum if isinstance(count, FlopCounterMode) else 0
         if not torch.isfinite(loss):
             die(f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint is {ckpt_path}: "
                 f"resume from it with a lower learning_rate (init_from=resume learning_rate=...)", code=1)
@@ -482,7 +493,7 @@ if __name__ == '__main__':
         if master and step % log_interval == 0:
             rec = log.write('train', step, lr=lr, loss=loss.item(), psnr=-10 * math.log10(max(stats['mse'].item(), 1e-10)),
                             contrast=stats['contrast'].item(), tokens=stats['tokens'].item(),
-                            img_s=seen / (time.time() - t0))
+                            img_s=seen / (time.time() - t0), **({'flops': step_flops} if step_flops else {}))
             news = dict(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.1f}", con=f"{rec['contrast']:.3f}",
                         tok=f"{rec['tokens']:.1f}", img_s=f"{rec['img_s']:.0f}")
         bar.update(step, **news)

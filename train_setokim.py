@@ -44,6 +44,7 @@ from dataclasses import asdict
 from functools import partial
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoint import (RunLock, check_config, check_resume, load_checkpoint, load_setok, load_weights, rng_state,
                         save_checkpoint, set_rng_state)
@@ -131,7 +132,7 @@ llm_grad_clip = 1.0
 cache_batch_size = 256            # images per SeTok call when building the token cache
 # system
 device = 'auto'                   # auto | cpu | cuda | cuda:1 | mps
-dtype = 'auto'                    # auto (bf16 on capable GPUs, else float32) | float32 | bfloat16
+dtype = 'auto'                    # auto (bf16 on capable GPUs, else float32: see below) | float32 | bfloat16
 compile = 'auto'                  # auto: on for CUDA | True | False
 threads = 0                       # CPU threads (0: torch's default)
 config = configure(globals())
@@ -176,6 +177,9 @@ llm_shape = (gpt2_shape(pretrained_config(pretrained)) if pretrained else
 
 # ---- system, and the paths of this run
 ddp, rank, world, dev = setup_ddp(device)
+# dtype=auto stays float32 on a CPU: bf16 halves the matmuls' time there, but the element-wise rest
+# (GELU, LayerNorm, the casts autocast adds) runs slower in bf16, and the step gains only ~5% (RESULTS.md,
+# section 12), not worth a second precision for the writing heads' small regression targets
 dev, ptdtype, ctx = pick_device(dev, dtype)
 master = rank == 0
 if threads:
@@ -363,9 +367,9 @@ for s in stages:
     log = RunLog(os.path.join(run_dir, 'log.jsonl'), keep=keep, enabled=master)
     if ck is None and s == stages[0]:
         log.write('setup', 0, stage=s, params=sum(p.numel() for p in model.parameters()),
-                  gpt_params=model.gpt.num_params(), world=world)
+                  gpt_params=model.gpt.num_params(), world=world, dtype=str(ptdtype).replace('torch.', ''))
     bar = Progress(max_iters, step, f'stage {s}', log_interval, enabled=master)
-    t_start, tokens_seen, seqs_seen, step0 = time.time(), 0, 0, step
+    t_start, tokens_seen, seqs_seen, step0, flops_tok = time.time(), 0, 0, step, None
     acc = torch.zeros(6)
     while step < max_iters:
         lr = lr_at(step, llm_learning_rate, llm_warmup_iters, llm_lr_decay_iters or max_iters, llm_min_lr_ratio)
@@ -381,9 +385,14 @@ for s in stages:
         for micro, b in enumerate(micro_batches):
             b = {k: v.to(dev) for k, v in b.items()}
             sync = not ddp or micro == llm_grad_accum - 1
-            with ctx, (fwd.no_sync() if not sync else nullcontext()):
+            # the stage's first micro-batch: its FLOPs per LLM token (forward + backward, eager only),
+            # logged as 'flops_tok' for bench.py's MFU
+            count = FlopCounterMode(display=False) if flops_tok is None and fwd is model else nullcontext()
+            with ctx, count, (fwd.no_sync() if not sync else nullcontext()):
                 loss, st = fwd(b, norm=norm, **weights)
                 loss.backward()
+            if flops_tok is None:
+                flops_tok = count.get_total_flops() / int(b['real'].sum()) if isinstance(count, FlopCounterMode) else 0
             loss_sum += loss.item() / world
             acc += stat_vector(st)
             tokens_seen += int(b['real'].sum()) * world
@@ -405,7 +414,7 @@ for s in stages:
                 dt = time.time() - t_start
                 ce, reg, msk = (acc[:3] / acc[3:].clamp_min(1)).tolist()
                 rec = log.write('train', step, stage=s, lr=lr, ce=ce, reg=reg, mask=msk, tok_s=tokens_seen / dt,
-                                llm_tokens=tokens_seen)
+                                llm_tokens=tokens_seen, **({'flops_tok': flops_tok} if flops_tok else {}))
                 news = dict(ce=f"{ce:.3f}", reg=f"{reg:.3f}", mask=f"{msk:.3f}", lr=f"{lr:.1e}", tok_s=f"{rec['tok_s']:.0f}")
                 if mfu_peak:                                                # mean sequence length as T
                     news['mfu'] = f"{100 * model.gpt.estimate_mfu(tokens_seen / dt, tokens_seen / seqs_seen, mfu_peak):.1f}%"

@@ -21,13 +21,15 @@ def parse_table(stdout):
 
 
 def test_tiny_bench_table_and_agreement():
-    r = run_script('bench.py', 'rows=tokenize,ratio', 'shapes=tiny', 'ratio_shape=tiny', 'repeats=2', 'tokenize_batch=6',
+    r = run_script('bench.py', 'rows=peak,tokenize,ratio', 'shapes=tiny', 'ratio_shape=tiny', 'repeats=2', 'tokenize_batch=6',
                    'ref_images=3', 'threads=1', 'compile=False')
     assert f'torch {torch.__version__}' in r.stdout and 'cores' in r.stdout   # the machine is named
     head, rows = parse_table(r.stdout)
     assert head == ['row', 'figure', 'target', 'pass', 'check', 'notes']
-    assert [c[0] for c in rows] == ['tokenize, tiny shapes', 'clustering + merger / encoder, tiny shapes']
-    tok, ratio = rows
+    assert [c[0] for c in rows] == ['matmul peak, float32', 'matmul peak, bfloat16', 'tokenize, tiny shapes',
+                                    'clustering + merger / encoder, tiny shapes']
+    f32, bf16, tok, ratio = rows
+    assert all(float(re.fullmatch(r'([\d.]+) GFLOP/s', p[1]).group(1)) > 0 for p in (f32, bf16))
     speedup = float(re.fullmatch(r'([\d.]+)x faster', tok[1]).group(1))
     assert speedup > 0 and tok[2] == '>= 10x' and tok[3] == ('pass' if speedup >= 10 else 'FAIL')
     # the looped reference ran on the same inputs and weights and gives the same clusters and tokens
@@ -50,6 +52,17 @@ def test_bad_settings_are_one_line_errors():
 def bench(monkeypatch):
     monkeypatch.setattr(sys, 'argv', ['bench.py'])           # bench.py reads its settings on import
     return importlib.import_module('bench')
+
+
+def test_mfu_is_the_counted_flop_rate_over_the_peak_of_the_runs_dtype(bench, monkeypatch):
+    monkeypatch.setattr(bench, 'PEAKS', {torch.float32: (100e9, 2048), torch.bfloat16: (400e9, 2048)})
+    log = [{'kind': 'setup', 'step': 0, 'dtype': 'bfloat16'}, {'kind': 'train', 'step': 1, 'flops': 2e9}]
+    # 2 GFLOP a step at 10 steps/s: 20 GFLOP/s, 5% of the bf16 peak (20% of float32's)
+    assert bench.mfu([{'log': log}], 10.0, 'cpu', 'flops') == \
+        '20 GFLOP/s counted (2.00 GFLOP per step): MFU 5% of the bfloat16 matmul peak'
+    log = [{'kind': 'setup', 'step': 0}, {'kind': 'train', 'step': 1, 'flops_tok': 1e7}]   # float32 when unsaid
+    assert bench.mfu([{'log': log}], 5000.0, 'cpu', 'flops_tok').endswith('MFU 50% of the float32 matmul peak')
+    assert bench.mfu([{'log': log[:1]}], 5000.0, 'cpu', 'flops_tok') == 'MFU: no FLOP count in the logs'
 
 
 def test_agreement_catches_a_wrong_token_or_label(bench):

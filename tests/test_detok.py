@@ -1,7 +1,9 @@
 """The detokenizer: token geometry against a looped reference, the token mask, and that it learns."""
 import torch
 
-from detok import Detokenizer, DetokConfig, cluster_geometry, detok_loss, pixel_coords
+import torch.nn.functional as F
+
+from detok import Detokenizer, DetokConfig, cluster_geometry, detok_loss, lookup_weights, pixel_coords
 
 
 def test_cluster_geometry_matches_a_looped_reference():
@@ -66,3 +68,32 @@ def test_a_sprite_moves_with_its_token():
         b = d(tokens, mask)
     assert not torch.allclose(a, b)
     assert torch.allclose(b[..., 8:24, 11:27], a[..., 8:24, 8:24], atol=1e-5)
+
+
+def test_separable_lookup_is_grid_sample():
+    """The detokenizer's lookup (row weights @ sprite @ column weights^T) is F.grid_sample's bilinear
+    lookup with border padding, values and gradients, for frames inside, across and outside the sprite."""
+    g = torch.Generator().manual_seed(0)
+    n, S, H = 6, 8, 20
+    sprites = torch.randn(n, 4, S, S, generator=g, dtype=torch.float64, requires_grad=True)
+    u = (torch.rand(n, H, generator=g, dtype=torch.float64) * 3.4 - 1.7).requires_grad_()   # per column
+    v = (torch.rand(n, H, generator=g, dtype=torch.float64) * 3.4 - 1.7).requires_grad_()   # per row
+    ours = lookup_weights(v, S)[:, None] @ sprites @ lookup_weights(u, S)[:, None].transpose(-1, -2)  # (n, 4, H, W)
+    grid = torch.stack([u[:, None, :].expand(-1, H, -1), v[:, :, None].expand(-1, -1, H)], -1)      # (n, H, W, 2)
+    ref = F.grid_sample(sprites, grid, mode='bilinear', padding_mode='border', align_corners=False)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad((ours * w).sum(), (sprites, u, v))
+    gb = torch.autograd.grad((ref * w).sum(), (sprites, u, v))
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a, b, atol=1e-9)
+
+
+def test_detokenizer_runs_in_float32_under_autocast():
+    """bf16 autocast (train_setok.py's dtype on a CPU with native bf16) leaves the picture as float32 gives it."""
+    torch.manual_seed(0)
+    d = Detokenizer(DetokConfig(image_size=16, token_dim=8, sprite_size=8, dim=16))
+    tokens, mask = torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        a = d(tokens, mask)
+    assert a.dtype == torch.float32 and torch.equal(a, d(tokens, mask))
