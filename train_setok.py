@@ -474,8 +474,9 @@ if __name__ == '__main__':
             img, ids, valid = next_batch(step, micro)
             sync = not ddp or micro == grad_accum - 1
             # the first micro-step's FLOPs are counted (forward + backward; eager only): the log's
-            # 'flops' is one step of this process, from which bench.py gives the CPU / GPU MFU
-            count = FlopCounterMode(display=False) if step_flops is None and fwd is model else nullcontext()
+            # 'flops' is one step of this process, from which bench.py gives the CPU / GPU MFU. Step 0
+            # only, as train_setokim.py: a resumed run must not count where the uninterrupted one did not
+            count = FlopCounterMode(display=False) if step_flops is None and step == 0 and fwd is model else nullcontext()
             with ctx, count, (fwd.no_sync() if not sync else nullcontext()):
                 loss, stats = fwd(img, ids, valid)
                 (loss / grad_accum).backward()

@@ -386,8 +386,9 @@ for s in stages:
             b = {k: v.to(dev) for k, v in b.items()}
             sync = not ddp or micro == llm_grad_accum - 1
             # the stage's first micro-batch: its FLOPs per LLM token (forward + backward, eager only),
-            # logged as 'flops_tok' for bench.py's MFU
-            count = FlopCounterMode(display=False) if flops_tok is None and fwd is model else nullcontext()
+            # logged as 'flops_tok' for bench.py's MFU. Step 0 only: under the counter a step does not
+            # come out bit-identical, so a resumed run must not count where the uninterrupted one did not
+            count = FlopCounterMode(display=False) if flops_tok is None and step == 0 and fwd is model else nullcontext()
             with ctx, count, (fwd.no_sync() if not sync else nullcontext()):
                 loss, st = fwd(b, norm=norm, **weights)
                 loss.backward()

@@ -43,5 +43,5 @@ llm_learning_rate = 1e-3
 llm_warmup_iters = 100
 stage1_max_iters = 1000
 stage2_max_iters = 9000        # long: VQA is learned late in stage 2; packed rows keep the steps cheap
-llm_eval_interval = 1000
+llm_eval_interval = 3000        # an eval (about 50 s: it samples every written image) every 3000 steps and at the end of each stage
 eval_per_task = 200
