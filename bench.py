@@ -94,6 +94,7 @@ scripts = 'setok,setokim'         # train and smoke rows: train_setok.py's model
 train_steps = 12                  # timed steps per run (after the warm-up)
 train_warmup = 3                  # steps left out of the timing (the first ones compile)
 train_repeats = 2                 # runs per side (eager, compile; 1 or 2 processes), interleaved
+train_compile = True              # the train rows also run the scripts with compile=True (False: eager only)
 full_cpu_batch = 0                # config=full on CPU: run train_setok.py at this batch (0: GPU-only: minutes a step, ~10 GB)
 ddp_threads = 1                   # threads per process in the ddp row
 mem_steps = 20                    # steps of the memory run
@@ -490,7 +491,7 @@ def train_rows(dev):
 def train_row(script, preset, name, dev):
     c, gpu = load_preset(preset), dev.startswith('cuda')
     cpu_full = preset == 'full' and not gpu                  # a few steps at a small batch, eager only
-    sides = ['False'] if cpu_full else ['False', 'True']     # the scripts' compile setting
+    sides = ['False'] if cpu_full or not train_compile else ['False', 'True']   # the scripts' compile setting
     steps, warmup = (3, 1) if cpu_full else (train_steps, train_warmup)
     batch = full_cpu_batch if cpu_full else c['batch_size' if script == 'setok' else 'llm_batch_size']
     nthreads = threads or torch.get_num_threads()

@@ -5,7 +5,7 @@ The plumbing that every nanoSeTok script shares, written once:
                      command line (key=value, --key=value, --key value, config=NAME); as_list
   die(...)           a one-line error and exit code 2, never a traceback
   pick_device(...)   cuda > mps > cpu, and the autocast context that goes with it; compile_on,
-                     cpu_has_bf16, keep_freed_memory (glibc's allocator, for CPU steps)
+                     keep_freed_memory (glibc's allocator, for CPU steps)
   adamw(...)         AdamW with weight decay on the matrices only
   setup_ddp(), wrap_ddp(...), gather_all(...)   torchrun-aware DistributedDataParallel (nccl / gloo)
   timed_step(...)    the time and peak GPU memory of one training step (bench.py's smoke row)
@@ -176,27 +176,16 @@ def as_list(value, kind=str):
 # -----------------------------------------------------------------------------
 # devices, precision, distributed
 
-def cpu_has_bf16():
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there a bf16 matmul runs about
-    4x float32's (bench.py's peak row); elsewhere bf16 is emulated and slower than float32."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = next((l.split(':', 1)[1].split() for l in f if l.startswith('flags')), [])
-    except OSError:
-        return False
-    return 'avx512_bf16' in flags or 'amx_bf16' in flags
-
-
-def pick_device(device='auto', dtype='auto', cpu_bf16=False):
+def pick_device(device='auto', dtype='auto'):
     """Returns (device string, torch dtype for autocast, autocast context). cuda > mps > cpu.
-    dtype=auto: bf16 autocast on GPUs that have it; on a CPU only where the caller found it faster
-    (cpu_bf16: train_setok.py) and the CPU has native bf16, else float32."""
+    dtype=auto: bf16 autocast on GPUs that have it, else float32. On a CPU with native bf16
+    (AVX512-BF16, AMX) dtype=bfloat16 makes SeTok's step about 1.25x faster, but a SETOKIM trained on
+    such a SeTok wrote and segmented worse in the one run made (RESULTS.md, section 12), so auto
+    stays float32 there."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     if dtype == 'auto':
-        bf16 = (torch.cuda.is_bf16_supported() if device.startswith('cuda') else
-                device == 'cpu' and cpu_bf16 and cpu_has_bf16())
-        dtype = 'bfloat16' if bf16 else 'float32'
+        dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     dev_type = 'cuda' if device.startswith('cuda') else device
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=dev_type, dtype=ptdtype)

@@ -110,7 +110,7 @@ beta2 = 0.95
 grad_clip = 1.0
 # system
 device = 'auto'                   # auto | cpu | cuda | cuda:1 | mps
-dtype = 'auto'                    # auto (bf16 on capable GPUs and on CPUs with native bf16, else float32) | float32 | bfloat16
+dtype = 'auto'                    # auto (bf16 on capable GPUs, else float32) | float32 | bfloat16 (on a CPU with native bf16: ~1.25x)
 compile = 'auto'                  # auto: on for CUDA | True | False
 threads = 0                       # CPU threads (0: torch's default)
 config = configure(globals())
@@ -328,9 +328,7 @@ def build_model(scfg, dcfg, sp, ck=None):
 
 if __name__ == '__main__':
     ddp, rank, world, dev = setup_ddp(device)
-    # dtype=auto trains in bf16 on a CPU with native bf16: its matmuls run 4x faster there, and attention
-    # (setok.Attention) and the detokenizer's per-pixel work stay in float32 (RESULTS.md, section 12)
-    dev, ptdtype, ctx = pick_device(dev, dtype, cpu_bf16=True)
+    dev, ptdtype, ctx = pick_device(dev, dtype)
     if dev == 'cpu':
         keep_freed_memory()
     master = rank == 0

@@ -90,7 +90,7 @@ def test_separable_lookup_is_grid_sample():
 
 
 def test_detokenizer_runs_in_float32_under_autocast():
-    """bf16 autocast (train_setok.py's dtype on a CPU with native bf16) leaves the picture as float32 gives it."""
+    """bf16 autocast (dtype=bfloat16) leaves the picture as float32 gives it."""
     torch.manual_seed(0)
     d = Detokenizer(DetokConfig(image_size=16, token_dim=8, sprite_size=8, dim=16))
     tokens, mask = torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool)

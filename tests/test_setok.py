@@ -90,7 +90,7 @@ def test_batched_merger_matches_looped_reference():
         ref = m.reference(x, pos, labels, num, 8)
     assert torch.equal(mask.sum(1), num)
     assert torch.allclose(out[mask], ref[mask], atol=1e-5)
-    # under bf16 autocast (train_setok.py's dtype on a CPU with native bf16) too, to bf16's precision;
+    # under bf16 autocast (dtype=bfloat16) too, to bf16's precision;
     # the block-masked attention runs in float32 there (setok.Attention), the projections in bf16
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         out16, _ = m(x, pos, labels, num, 8)

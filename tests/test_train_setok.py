@@ -67,7 +67,7 @@ def test_resume_is_bit_identical(world, tmp_path):
 
 
 def test_ddp_two_processes_match_one(world, tmp_path):
-    # float32: under bf16 autocast (dtype=auto on a CPU with native bf16) each process rounds its own
+    # float32: under bf16 autocast (dtype=bfloat16) each process rounds its own
     # half-batch's activations, and Adam magnifies those roundings on near-zero gradients
     common = ['max_iters=3', 'eval_interval=3', 'lr_decay_iters=3', 'dtype=float32']
     run(world, tmp_path / 'one', 'batch_size=8', *common)
