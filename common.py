@@ -179,9 +179,9 @@ def as_list(value, kind=str):
 def pick_device(device='auto', dtype='auto'):
     """Returns (device string, torch dtype for autocast, autocast context). cuda > mps > cpu.
     dtype=auto: bf16 autocast on GPUs that have it, else float32. On a CPU with native bf16
-    (AVX512-BF16, AMX) dtype=bfloat16 makes SeTok's step about 1.25x faster, but a SETOKIM trained on
-    such a SeTok wrote and segmented worse in the one run made (RESULTS.md, section 12), so auto
-    stays float32 there."""
+    (AVX512-BF16, AMX) dtype=bfloat16 makes SeTok's step faster, but a SETOKIM trained on such a
+    SeTok wrote and segmented worse in the one run made (RESULTS.md, section 12), so auto stays
+    float32 there."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     if dtype == 'auto':
@@ -202,9 +202,9 @@ for _op, _formula in ((torch.ops.aten._scaled_dot_product_flash_attention_for_cp
 def keep_freed_memory():
     """Ask glibc to keep freed memory for the next step. By default it hands large freed blocks back
     to the kernel, so every step page-faults its big activations in again (SeTok's detokenizer makes
-    25 MB tensors): a fifth of SeTok's CPU step went to the kernel. Blocks up to 32 MB (glibc's
-    largest mmap threshold) now come from the heap, and the heap keeps up to 1 GB it could trim.
-    No-op where the C library is not glibc."""
+    25 MB tensors; without this SeTok's CPU step is ~15% slower, RESULTS.md section 12). Blocks up
+    to 32 MB (glibc's largest mmap threshold) now come from the heap, and the heap keeps up to 1 GB
+    it could trim. No-op where the C library is not glibc."""
     import ctypes
     try:
         libc = ctypes.CDLL('libc.so.6')

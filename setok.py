@@ -69,8 +69,8 @@ class Attention(nn.Module):
                 k, v = torch.cat([cache['k'], k], 2), torch.cat([cache['v'], v], 2)        # (B, h, Nk, C/h)
             cache['k'], cache['v'] = k, v
         if q.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
-            # the CPU's fused attention kernel is about 2x slower in bf16 than in float32 at these head
-            # widths (bench.py's attention row), so under bf16 autocast only the projections run in bf16
+            # the CPU's fused attention kernel is 1.8x slower in bf16 than in float32 at head width 16
+            # (RESULTS.md, section 12), so under bf16 autocast only the projections run in bf16
             with torch.autocast('cpu', enabled=False):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
         else:
