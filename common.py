@@ -180,7 +180,7 @@ def pick_device(device='auto', dtype='auto'):
     """Returns (device string, torch dtype for autocast, autocast context). cuda > mps > cpu.
     dtype=auto: bf16 autocast on GPUs that have it, else float32. On a CPU with native bf16
     (AVX512-BF16, AMX) dtype=bfloat16 makes SeTok's step faster, but a SETOKIM trained on such a
-    SeTok wrote and segmented worse in the one run made (RESULTS.md, section 12), so auto stays
+    SeTok is not yet shown to match one on a float32 SeTok (RESULTS.md, section 12), so auto stays
     float32 there."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
