@@ -19,7 +19,8 @@ it is and however large it is, so one S x S template per concept is all the MLP 
 bilinear lookup of alpha *logits* puts the edge between two sprite cells, so edges come out sharp at
 sub-pixel positions (the softmax over tokens turns a steep logit into a hard boundary). It is also
 cheap: the MLP runs once per token, not per (token, pixel) pair, and since a frame is axis-aligned
-the bilinear lookup splits into rows and columns: two small matmuls per token (lookup_weights). Where sprites overlap the smaller one wins (- log area, as in a mixture of densities), so
+the bilinear lookup splits into rows and columns: two small matmuls per token (lookup_weights).
+Where sprites overlap the smaller one wins (- log area, as in a mixture of densities), so
 objects sit on their background. A token's frame is *predicted* from the token (trained against the
 centroid and spread of the token's cluster, `geometry_loss`, and by the pixels through the lookup),
 never read from the clustering, so the same renderer draws the tokens that SETOKIM writes.
