@@ -78,7 +78,7 @@ from setokim import SETOKIM, GPTConfig
 # settings
 rows = 'peak,tokenize,ratio,train,ddp,memory'   # which rows, comma-separated (also: smoke)
 device = 'cpu'                    # cpu | cuda | cuda:1 | auto
-dtype = 'auto'                    # auto (bf16 autocast on capable GPUs, else float32) | float32 | bfloat16
+dtype = 'auto'                    # auto (bf16 autocast on capable GPUs and CPUs, else float32) | float32 | bfloat16
 threads = 0                       # CPU threads, in this process and in the training scripts (0: torch's default)
 repeats = 3                       # interleaved repetitions of each in-process timing (medians)
 compile = False                   # tokenize/ratio rows: also time the batched path under torch.compile

@@ -176,16 +176,29 @@ def as_list(value, kind=str):
 # -----------------------------------------------------------------------------
 # devices, precision, distributed
 
+def cpu_has_bf16():
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there a bf16 matmul runs about
+    4x float32's (bench.py's peak row); elsewhere bf16 is emulated and slower than float32."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((l.split(':', 1)[1].split() for l in f if l.startswith('flags')), [])
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
 def pick_device(device='auto', dtype='auto'):
     """Returns (device string, torch dtype for autocast, autocast context). cuda > mps > cpu.
-    dtype=auto: bf16 autocast on GPUs that have it, else float32. On a CPU with native bf16
-    (AVX512-BF16, AMX) dtype=bfloat16 makes SeTok's step faster, but a SETOKIM trained on such a
-    SeTok is not yet shown to match one on a float32 SeTok (RESULTS.md, section 12), so auto stays
-    float32 there."""
+    dtype=auto: bf16 autocast on GPUs that have it and on CPUs with native bf16, else float32. On such
+    a CPU the projections and MLPs run in bf16 at ~4x float32's matmul rate; attention and the
+    detokenizer stay in float32 (setok.Attention, detok.py), autocast keeps norms and losses in
+    float32, and setok.Linear keeps oneDNN from building a kernel for every new row count
+    (RESULTS.md, sections 12 and 13)."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     if dtype == 'auto':
-        dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+        bf16 = torch.cuda.is_bf16_supported() if device.startswith('cuda') else device == 'cpu' and cpu_has_bf16()
+        dtype = 'bfloat16' if bf16 else 'float32'
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     dev_type = 'cuda' if device.startswith('cuda') else device
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=dev_type, dtype=ptdtype)
@@ -226,10 +239,13 @@ def compile_on(setting, dev):
 
 def adamw(params, lr, weight_decay, betas):
     """AdamW with weight decay on the matrices only (not on biases, norms and the like), over the
-    parameters that train (a frozen encoder's are left out)."""
+    parameters that train (a frozen encoder's are left out). Fused (one kernel over all parameters) on
+    CPUs and GPUs: on 2 CPU cores a SETOKIM step's update takes 3 ms instead of 11."""
     params = [p for p in params if p.requires_grad]
+    fused = all(p.device.type in ('cpu', 'cuda') for p in params) or None
     return torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}], lr=lr, betas=betas)
+                              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}], lr=lr, betas=betas,
+                             fused=fused)
 
 
 PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}   # dense bf16 FLOP/s, for MFU

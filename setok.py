@@ -44,6 +44,32 @@ def pos_embed_2d(h, w, dim):
     return torch.cat([ys.sin(), ys.cos(), xs.sin(), xs.cos()], dim=1)                    # (h*w, dim)
 
 
+def bucket(n):
+    """n rounded up to one of four evenly spaced sizes per octave: 1000 -> 1024, 1030 -> 1280 (at most
+    25% more)."""
+    step = 1 << max(0, n.bit_length() - 3)
+    return -(-n // step) * step
+
+
+class Linear(nn.Linear):
+    """nn.Linear that, under bf16 autocast on a CPU, pads its rows to bucket(rows). There the matmul runs
+    in oneDNN, which builds a kernel for each new shape, and a first call costs 2 to 7 times a repeated
+    one. SETOKIM's row counts change at every step (packed rows, written tokens, referred masks), so
+    without the padding nearly every bf16 matmul is a first call and bf16 is slower than float32; with
+    it each layer sees about a dozen row counts in a whole run (RESULTS.md, section 13). Rows are
+    independent, so padding changes no value."""
+
+    def forward(self, x):
+        if x.device.type != 'cpu' or not torch.is_autocast_enabled('cpu'):
+            return super().forward(x)
+        M = x.numel() // x.shape[-1]
+        if bucket(M) == M:
+            return super().forward(x)
+        rows = F.pad(x.reshape(M, x.shape[-1]), (0, 0, 0, bucket(M) - M))               # (bucket(M), in)
+        y = super().forward(rows)[:M]                                                     # (M, out)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class Attention(nn.Module):
     """Multi-head self-attention. mask: bool, broadcastable to (B, heads, Nq, Nk), True = may attend."""
 
@@ -51,12 +77,12 @@ class Attention(nn.Module):
         super().__init__()
         assert dim % n_head == 0
         self.n_head = n_head
-        self.q = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
         # no bias on keys/values: a key bias cancels in the softmax and a value bias passes straight
         # into proj's bias, so both would be dead weights that Adam only fills with noise. The same
         # two facts load pretrained attention (which has them) exactly: Block.pretrained_state
-        self.kv = nn.Linear(dim, 2 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
+        self.kv = Linear(dim, 2 * dim, bias=False)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x, mask=None, cache=None):
         """cache (a dict, used by setokim.py's generation): this layer's keys/values so far; the new
@@ -89,8 +115,8 @@ class MLP(nn.Module):
     def __init__(self, dim, hidden=None, out=None, act='gelu_tanh'):
         super().__init__()
         self.act = act
-        self.fc = nn.Linear(dim, hidden or 4 * dim)
-        self.out = nn.Linear(hidden or 4 * dim, out or dim)
+        self.fc = Linear(dim, hidden or 4 * dim)
+        self.out = Linear(hidden or 4 * dim, out or dim)
 
     def forward(self, x):
         return self.out(ACTS[self.act](self.fc(x)))
@@ -296,7 +322,7 @@ class TokenMerger(nn.Module):
         self.intra = nn.ModuleList([Block(dim, n_head) for _ in range(intra_depth)])
         self.inter = nn.ModuleList([Block(dim, n_head) for _ in range(inter_depth)])
         self.ln = nn.LayerNorm(dim)
-        self.out = nn.Linear(dim, out_dim)
+        self.out = Linear(dim, out_dim)
 
     def pool(self, x, pos, labels, K):
         """The intra-cluster stage: patches attend within their cluster, then are averaged per cluster.
@@ -414,7 +440,7 @@ class TextEncoder(nn.Module):
         self.tok = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.zeros(max_len, dim))
         self.blocks = nn.ModuleList([Block(dim, n_head) for _ in range(depth)])
-        self.ln, self.out = nn.LayerNorm(dim), nn.Linear(dim, out_dim)
+        self.ln, self.out = nn.LayerNorm(dim), Linear(dim, out_dim)
 
     def forward(self, ids):                                                 # ids (M, L), pad_id: the text tokenizer's
         keep = ids != self.pad_id                                           # (M, L)

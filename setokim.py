@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from setok import MLP, Block, pos_embed_2d
+from setok import MLP, Block, Linear, pos_embed_2d
 
 # -----------------------------------------------------------------------------
 # 1) The LLM: a nanoGPT-like decoder, from scratch, built from setok.Block.
@@ -101,7 +101,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.blocks = nn.ModuleList([Block(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight                  # weight tying (GPT-2, nanoGPT)
         # GPT-2's init: N(0, 0.02), and the residual projections scaled by 1/sqrt(2 * n_layer)
         for m in self.modules():
@@ -232,7 +232,7 @@ class MaskDecoder(nn.Module):
     def __init__(self, token_dim, query_dim, dim, depth, n_head, grid, image_size, refine=True):
         super().__init__()
         self.grid, self.image_size, self.dim = grid, image_size, dim
-        self.tok_in, self.q_in = nn.Linear(token_dim, dim), nn.Linear(query_dim, dim)
+        self.tok_in, self.q_in = Linear(token_dim, dim), Linear(query_dim, dim)
         self.blocks = nn.ModuleList([Block(dim, n_head) for _ in range(depth)])
         self.ln_t, self.ln_q = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.refine = MLP(dim) if refine else None
@@ -319,7 +319,7 @@ class AdaLNBlock(nn.Module):
         super().__init__()
         self.ln = nn.LayerNorm(width, elementwise_affine=False)
         self.mlp = MLP(width, width, width)
-        self.mod = nn.Linear(width, 3 * width)
+        self.mod = Linear(width, 3 * width)
         nn.init.zeros_(self.mod.weight)
         nn.init.zeros_(self.mod.bias)
 
@@ -337,14 +337,14 @@ class DiffusionHead(nn.Module):
     def __init__(self, token_dim, cond_dim, width, depth, mean=False):
         super().__init__()
         self.mean = MLP(cond_dim, cond_dim, token_dim) if mean else None
-        self.x_in = nn.Linear(token_dim, width)
+        self.x_in = Linear(token_dim, width)
         self.t_in = MLP(64, width, width)
-        self.c_in = nn.Linear(cond_dim, width)
+        self.c_in = Linear(cond_dim, width)
         self.null = nn.Parameter(torch.zeros(cond_dim))                    # "no condition" (guidance)
         self.blocks = nn.ModuleList([AdaLNBlock(width) for _ in range(depth)])
         self.ln_out = nn.LayerNorm(width, elementwise_affine=False)
-        self.mod_out = nn.Linear(width, 2 * width)
-        self.out = nn.Linear(width, token_dim)
+        self.mod_out = Linear(width, 2 * width)
+        self.out = Linear(width, token_dim)
         for m in (self.mod_out, self.out):                                 # predicts v = 0 at init
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -481,7 +481,7 @@ class SETOKIM(nn.Module):
         else:                                # ... or regressed
             self.out_proj = MLP(C, C, D)
         if cfg.copy_head:                    # pointing at an input token: query, keys, and "write a new one"
-            self.copy_q, self.copy_k, self.copy_new = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, 1)
+            self.copy_q, self.copy_k, self.copy_new = Linear(C, C), Linear(C, C), Linear(C, 1)
         self.mask_decoder = MaskDecoder(D, C, cfg.mask_dim, cfg.mask_depth, cfg.mask_n_head, cfg.grid,
                                         cfg.image_size, cfg.mask_refine)
         # SeTok's tokens are standardised per channel (statistics of the training images, set once by

@@ -110,7 +110,7 @@ beta2 = 0.95
 grad_clip = 1.0
 # system
 device = 'auto'                   # auto | cpu | cuda | cuda:1 | mps
-dtype = 'auto'                    # auto (bf16 on capable GPUs, else float32) | float32 | bfloat16 (faster on a CPU with native bf16)
+dtype = 'auto'                    # auto (bf16 on capable GPUs and CPUs, else float32: common.pick_device) | float32 | bfloat16
 compile = 'auto'                  # auto: on for CUDA | True | False
 threads = 0                       # CPU threads (0: torch's default)
 config = configure(globals())

@@ -132,7 +132,7 @@ llm_grad_clip = 1.0
 cache_batch_size = 256            # images per SeTok call when building the token cache
 # system
 device = 'auto'                   # auto | cpu | cuda | cuda:1 | mps
-dtype = 'auto'                    # auto (bf16 on capable GPUs, else float32) | float32 | bfloat16
+dtype = 'auto'                    # auto (bf16 on capable GPUs and CPUs, else float32: common.pick_device) | float32 | bfloat16
 compile = 'auto'                  # auto: on for CUDA | True | False
 threads = 0                       # CPU threads (0: torch's default)
 config = configure(globals())
@@ -177,9 +177,6 @@ llm_shape = (gpt2_shape(pretrained_config(pretrained)) if pretrained else
 
 # ---- system, and the paths of this run
 ddp, rank, world, dev = setup_ddp(device)
-# dtype=auto is float32 on a CPU: bf16 halves the matmuls' time there, but the element-wise rest
-# (GELU, LayerNorm, the casts autocast adds) runs slower in bf16 and the step gains only ~5% (RESULTS.md,
-# section 12)
 dev, ptdtype, ctx = pick_device(dev, dtype)
 master = rank == 0
 if threads:

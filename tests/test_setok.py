@@ -1,7 +1,7 @@
 """SeTok's parts on synthetic inputs: clustering, merger, compile, the contrastive loss."""
 import torch
 
-from setok import (SeTok, SeTokConfig, TokenMerger, concept_contrastive_loss, density_peak_cluster,
+from setok import (Linear, SeTok, SeTokConfig, TokenMerger, bucket, concept_contrastive_loss, density_peak_cluster,
                    density_peak_cluster_reference, grid_labels, pos_embed_2d)
 
 
@@ -197,3 +197,24 @@ def test_contrastive_loss_prefers_matching_tokens():
     g3 = good.clone(); g3[1, 0] = c3[1, 0]
     loss = concept_contrastive_loss(g3, mask, c3, ids2, valid, scale)
     assert torch.isfinite(loss)
+
+
+def test_linear_pads_rows_to_few_shapes_and_changes_nothing():
+    # bucket: never fewer rows, at most 25% more, and four sizes per octave
+    assert all(n <= bucket(n) <= 1.25 * n for n in range(0, 5000))
+    assert {bucket(n) for n in range(1024, 2048)} == {1024, 1280, 1536, 1792, 2048}
+    # under CPU bf16 autocast setok.Linear pads its rows, and values and gradients are nn.Linear's exactly
+    torch.manual_seed(0)
+    lin = Linear(24, 40)
+    ref = torch.nn.Linear(24, 40)
+    ref.load_state_dict(lin.state_dict())
+    for shape in ((3, 37, 24), (1030, 24), (0, 5, 24)):
+        x = torch.randn(shape, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y, y2 = lin(x), ref(x2)
+        assert y.shape == y2.shape and y.dtype == torch.bfloat16 and torch.equal(y, y2)
+        y.float().square().sum().backward()
+        y2.float().square().sum().backward()
+        assert torch.equal(x.grad, x2.grad) and torch.equal(lin.weight.grad, ref.weight.grad)
+        assert torch.equal(lin.bias.grad, ref.bias.grad)
