@@ -5,7 +5,8 @@ The plumbing that every nanoSeTok script shares, written once:
                      command line (key=value, --key=value, --key value, config=NAME); as_list
   die(...)           a one-line error and exit code 2, never a traceback
   pick_device(...)   cuda > mps > cpu, and the autocast context that goes with it; compile_on,
-                     keep_freed_memory (glibc's allocator, for CPU steps)
+                     keep_freed_memory (glibc's allocator, for CPU steps), count_flops / counted_flops
+                     (one training step's FLOPs, for the MFU)
   adamw(...)         AdamW with weight decay on the matrices only
   setup_ddp(), wrap_ddp(...), gather_all(...)   torchrun-aware DistributedDataParallel (nccl / gloo)
   timed_step(...)    the time and peak GPU memory of one training step (bench.py's smoke row)
@@ -210,6 +211,18 @@ for _op, _formula in ((torch.ops.aten._scaled_dot_product_flash_attention_for_cp
                       (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, flop_counter.sdpa_backward_flop)):
     if _op not in flop_counter.flop_registry and _op.default not in flop_counter.flop_registry:
         flop_counter.register_flop_formula(_op, get_raw=True)(_formula)   # _formula already takes tensors
+
+
+def count_flops(on):
+    """A FlopCounterMode to wrap one training step in when `on` (the scripts count step 0 of a fresh,
+    eager run only: under the counter a step does not come out bit-identical, so a resumed run must not
+    count where the uninterrupted one did not), else a context that counts nothing."""
+    return flop_counter.FlopCounterMode(display=False) if on else nullcontext()
+
+
+def counted_flops(counter):
+    """The FLOPs (forward + backward) that count_flops(...) saw; 0 when it counted nothing."""
+    return counter.get_total_flops() if isinstance(counter, flop_counter.FlopCounterMode) else 0
 
 
 def keep_freed_memory():

@@ -28,12 +28,12 @@ from dataclasses import asdict, fields
 import numpy as np
 import sentencepiece as spm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoint import (RunLock, check_config, check_resume, load_checkpoint, load_weights, rng_state, save_checkpoint,
                         set_rng_state)
-from common import (HERE, Progress, RunLog, adamw, as_list, cluster_overlay, compile_on, configure, die,
-                    keep_freed_memory, lr_at, pick_device, plot_curves, save_panel, setup_ddp, to_uint8, wrap_ddp)
+from common import (HERE, Progress, RunLog, adamw, as_list, cluster_overlay, compile_on, configure, count_flops,
+                    counted_flops, die, keep_freed_memory, lr_at, pick_device, plot_curves, save_panel, setup_ddp,
+                    to_uint8, wrap_ddp)
 from data.order import DataOrder
 from data.shapes.prepare import prepare
 from data.stream import StreamingLoader
@@ -471,15 +471,14 @@ if __name__ == '__main__':
         for micro in range(grad_accum):
             img, ids, valid = next_batch(step, micro)
             sync = not ddp or micro == grad_accum - 1
-            # the first micro-step's FLOPs are counted (forward + backward; eager only): the log's
-            # 'flops' is one step of this process, from which bench.py gives the CPU / GPU MFU. Step 0
-            # only, as train_setokim.py: a resumed run must not count where the uninterrupted one did not
-            count = FlopCounterMode(display=False) if step_flops is None and step == 0 and fwd is model else nullcontext()
+            # the first micro-step's FLOPs: the log's 'flops' is one step of this process, from which
+            # bench.py gives the CPU / GPU MFU
+            count = count_flops(step_flops is None and step == 0 and fwd is model)
             with ctx, count, (fwd.no_sync() if not sync else nullcontext()):
                 loss, stats = fwd(img, ids, valid)
                 (loss / grad_accum).backward()
             if step_flops is None:
-                step_flops = count.get_total_flops() * grad_accum if isinstance(count, FlopCounterMode) else 0
+                step_flops = counted_flops(count) * grad_accum
         if not torch.isfinite(loss):
             die(f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint is {ckpt_path}: "
                 f"resume from it with a lower learning_rate (init_from=resume learning_rate=...)", code=1)

@@ -44,12 +44,11 @@ from dataclasses import asdict
 from functools import partial
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoint import (RunLock, check_config, check_resume, load_checkpoint, load_setok, load_weights, rng_state,
                         save_checkpoint, set_rng_state)
-from common import (HERE, Progress, RunLog, adamw, as_list, compile_on, configure, die, lr_at, parse_args, peak_flops,
-                    pick_device, plot_curves, setup_ddp, sha1_file, wrap_ddp)
+from common import (HERE, Progress, RunLog, adamw, as_list, compile_on, configure, count_flops, counted_flops, die,
+                    lr_at, parse_args, peak_flops, pick_device, plot_curves, setup_ddp, sha1_file, wrap_ddp)
 from data.conversations import (STREAM_TASKS, TASKS, CachedBatches, StreamedBatches, conversation_loader, load_world,
                                 parse_repeat, stage_rows, token_cache, token_stats)
 from data.shapes.prepare import prepare
@@ -382,15 +381,13 @@ for s in stages:
         for micro, b in enumerate(micro_batches):
             b = {k: v.to(dev) for k, v in b.items()}
             sync = not ddp or micro == llm_grad_accum - 1
-            # the stage's first micro-batch: its FLOPs per LLM token (forward + backward, eager only),
-            # logged as 'flops_tok' for bench.py's MFU. Step 0 only: under the counter a step does not
-            # come out bit-identical, so a resumed run must not count where the uninterrupted one did not
-            count = FlopCounterMode(display=False) if flops_tok is None and step == 0 and fwd is model else nullcontext()
+            # the stage's first micro-batch: its FLOPs per LLM token, logged as 'flops_tok' for bench.py's MFU
+            count = count_flops(flops_tok is None and step == 0 and fwd is model)
             with ctx, count, (fwd.no_sync() if not sync else nullcontext()):
                 loss, st = fwd(b, norm=norm, **weights)
                 loss.backward()
             if flops_tok is None:
-                flops_tok = count.get_total_flops() / int(b['real'].sum()) if isinstance(count, FlopCounterMode) else 0
+                flops_tok = counted_flops(count) / int(b['real'].sum())
             loss_sum += loss.item() / world
             acc += stat_vector(st)
             tokens_seen += int(b['real'].sum()) * world
