@@ -28,8 +28,9 @@ to the machine's name. The rows:
             Target: <= 25% of the encoder.
   train     images/s and tokens/s of train_setok.py and train_setokim.py (the scripts themselves,
             run as subprocesses on a small world of the same kind), eager against torch.compile, in
-            the scripts' dtype=auto (dtype=float32 for the float32 step); each with its counted
-            FLOP rate and MFU, a share of the peak row's figure for the run's dtype.
+            the scripts' dtype=auto, and eager in float32 beside it where auto is bf16 (a CPU with
+            native bf16, a GPU); each with its counted FLOP rate and MFU, a share of the peak row's
+            figure for the run's dtype.
   ddp       train_setok.py under torchrun with 2 processes (gloo on CPU) against 1, same global batch.
   memory    peak resident memory of a config=small train_setok.py run on the real world.
   smoke     (not in the default rows) what train_setok.py and train_setokim.py would build at a
@@ -92,9 +93,10 @@ ratio_batch = 0                   # images in the ratio row (0: 16 on GPU, 2 on 
 presets = 'small,full'            # train rows at these presets
 scripts = 'setok,setokim'         # train and smoke rows: train_setok.py's model (SeTok) and train_setokim.py's (SETOKIM)
 train_steps = 12                  # timed steps per run (after the warm-up)
-train_warmup = 3                  # steps left out of the timing (the first ones compile)
+train_warmup = 10                 # steps left out of the timing (the first ones compile; in bf16 on a CPU oneDNN builds kernels)
 train_repeats = 2                 # runs per side (eager, compile; 1 or 2 processes), interleaved
 train_compile = True              # the train rows also run the scripts with compile=True (False: eager only)
+train_float32 = True              # ... and with dtype=float32 where dtype resolves to bf16: bf16's gain side by side
 full_cpu_batch = 0                # config=full on CPU: run train_setok.py at this batch (0: GPU-only: minutes a step, ~10 GB)
 ddp_threads = 1                   # threads per process in the ddp row
 mem_steps = 20                    # steps of the memory run
@@ -388,8 +390,8 @@ def world(preset):
                         n_train=256, n_val=16, n_test=16)
 
 
-def common_args(preset, dev, nthreads):
-    return [f'config={preset}', f'device={dev}', f'dtype={dtype}', f'threads={nthreads}']
+def common_args(preset, dev, nthreads, dt=None):
+    return [f'config={preset}', f'device={dev}', f'dtype={dt or dtype}', f'threads={nthreads}']
 
 
 def fresh(path):
@@ -399,11 +401,11 @@ def fresh(path):
     return path
 
 
-def setok_run(preset, dev, comp, steps, warmup, batch, nthreads, tag, nproc=0, data=None):
+def setok_run(preset, dev, comp, steps, warmup, batch, nthreads, tag, nproc=0, data=None, dt=None):
     """train_setok.py, one record per step -> (run with its 'log' records, its checkpoint's path)."""
     out = os.path.join(bench_dir, f'setok_{preset}_{tag}')
     log = fresh(os.path.join(HERE, out, 'log.jsonl'))
-    args = [*common_args(preset, dev, nthreads), f'data_dir={data or world(preset)}', f'out_dir={out}',
+    args = [*common_args(preset, dev, nthreads, dt), f'data_dir={data or world(preset)}', f'out_dir={out}',
             f'max_iters={warmup + steps + 1}', 'eval_interval=1000000000', 'log_interval=1',
             'eval_images=16', f'compile={comp}', *([f'batch_size={batch}'] if batch else [])]
     what = f"train_setok.py {' '.join(args)}"
@@ -413,11 +415,11 @@ def setok_run(preset, dev, comp, steps, warmup, batch, nthreads, tag, nproc=0, d
     return r, os.path.join(out, 'ckpt.pt')
 
 
-def setokim_run(preset, dev, comp, steps, warmup, nthreads, setok_ckpt, tag):
+def setokim_run(preset, dev, comp, steps, warmup, nthreads, setok_ckpt, tag, dt=None):
     """train_setokim.py's stage 1, one record per step -> the run with its 'log' records."""
     out = os.path.join(bench_dir, f'setokim_{preset}')
     log = fresh(os.path.join(HERE, out, tag, 'log.jsonl'))           # train_setokim.py logs in out_dir/run_name
-    args = [*common_args(preset, dev, nthreads), f'data_dir={world(preset)}', f'out_dir={out}', f'setok_ckpt={setok_ckpt}',
+    args = [*common_args(preset, dev, nthreads, dt), f'data_dir={world(preset)}', f'out_dir={out}', f'setok_ckpt={setok_ckpt}',
             f'run_name={tag}', 'stage=1', f'stage1_max_iters={warmup + steps + 1}', 'llm_eval_interval=1000000000',
             'log_interval=1', 'eval_per_task=1', f'compile={comp}']
     what = f"train_setokim.py {' '.join(args)}"
@@ -491,7 +493,10 @@ def train_rows(dev):
 def train_row(script, preset, name, dev):
     c, gpu = load_preset(preset), dev.startswith('cuda')
     cpu_full = preset == 'full' and not gpu                  # a few steps at a small batch, eager only
-    sides = ['False'] if cpu_full or not train_compile else ['False', 'True']   # the scripts' compile setting
+    # sides: (the scripts' compile setting, their dtype): eager, compiled, and eager in float32 where
+    # dtype resolves to bf16
+    sides = [('False', dtype)] + [('True', dtype)] * (train_compile and not cpu_full)
+    sides += [('False', 'float32')] * (train_float32 and pick_device(dev, dtype)[1] != torch.float32)
     steps, warmup = (3, 1) if cpu_full else (train_steps, train_warmup)
     batch = full_cpu_batch if cpu_full else c['batch_size' if script == 'setok' else 'llm_batch_size']
     nthreads = threads or torch.get_num_threads()
@@ -500,29 +505,36 @@ def train_row(script, preset, name, dev):
     rate, per_step, runs = {s: [] for s in sides}, {s: [] for s in sides}, []
     for _ in range(train_repeats):
         for side in sides:
+            comp, dt = side
             if script == 'setok':
-                r, _ = setok_run(preset, dev, side, steps, warmup, batch if cpu_full else 0, nthreads, f'compile{side}')
+                r, _ = setok_run(preset, dev, comp, steps, warmup, batch if cpu_full else 0, nthreads, f'compile{comp}_{dt}',
+                                 dt=dt)
                 rate[side].append(steps_per_s(r['log'], warmup, warmup + steps + 1))
             else:
-                r = setokim_run(preset, dev, side, steps, warmup, nthreads, ckpt, f'compile{side}')
+                r = setokim_run(preset, dev, comp, steps, warmup, nthreads, ckpt, f'compile{comp}_{dt}', dt=dt)
                 rate[side].append(steps_per_s(r['log'], warmup, warmup + steps + 1, stage=1))
                 per_step[side].append(llm_tokens_per_step(r['log'], 1))
-            runs.append(r)
+            runs.append((side, r))
     out = []
     for side in sides:
+        comp, dt = side
+        same_dtype = [r for (_, d), r in runs if d == dt]                   # a compiled run takes the eager one's count
         sps = statistics.median(rate[side])
         img_s = sps * batch
         if script == 'setok':
             patches = (c['image_size'] // c['patch_size']) ** 2
             tok = f"{img_s * patches:.0f} patch tokens/s ({patches} per image)"
-            util = mfu(runs, sps, dev, 'flops')
+            util = mfu(same_dtype, sps, dev, 'flops')
         else:
             tps = statistics.median(per_step[side])
             tok = f"{sps * tps:.0f} tokens/s (LLM tokens, {tps / batch:.0f} per sequence, one image each)"
-            util = mfu(runs, sps * tps, dev, 'flops_tok')
-        speed = f"; {sps / statistics.median(rate['False']):.2f}x eager" if side == 'True' else ''
+            util = mfu(same_dtype, sps * tps, dev, 'flops_tok')
+        eager = statistics.median(rate[('False', dtype)])
+        speed = (f"; {sps / eager:.2f}x eager" if comp == 'True' else
+                 f"; dtype={dtype} is {eager / sps:.2f}x this" if dt != dtype else '')
         out.append(dict(
-            row=f"{name}, {'compile' if side == 'True' else 'eager'}", figure=f"{img_s:.1f} img/s{speed}",
+            row=f"{name}, {'compile' if comp == 'True' else 'eager'}{', float32' if dt != dtype else ''}",
+            figure=f"{img_s:.1f} img/s{speed}",
             target='-', ok=None, check='',
             notes=f"{util}; {tok}; batch {batch}{' (reduced on CPU)' if cpu_full else ''}, steps {warmup}..{warmup + steps} "
                   f"timed, median of {train_repeats} runs"))
