@@ -5,8 +5,8 @@ The plumbing that every nanoSeTok script shares, written once:
                      command line (key=value, --key=value, --key value, config=NAME); as_list
   die(...)           a one-line error and exit code 2, never a traceback
   pick_device(...)   cuda > mps > cpu, and the autocast context that goes with it; compile_on,
-                     keep_freed_memory (glibc's allocator, for CPU steps), count_flops / counted_flops
-                     (one training step's FLOPs, for the MFU)
+                     cpu_has_bf16, keep_freed_memory (glibc's allocator, for CPU steps),
+                     count_flops / counted_flops (one training step's FLOPs, for the MFU)
   adamw(...)         AdamW with weight decay on the matrices only
   setup_ddp(), wrap_ddp(...), gather_all(...)   torchrun-aware DistributedDataParallel (nccl / gloo)
   timed_step(...)    the time and peak GPU memory of one training step (bench.py's smoke row)

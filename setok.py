@@ -56,16 +56,17 @@ class Linear(nn.Linear):
     in oneDNN, which builds a kernel for each new shape, and a first call costs 2 to 7 times a repeated
     one. SETOKIM's row counts change at every step (packed rows, written tokens, referred masks), so
     without the padding nearly every bf16 matmul is a first call and bf16 is slower than float32; with
-    it each layer sees about a dozen row counts in a whole run (RESULTS.md, section 13). Rows are
-    independent, so padding changes no value."""
+    it a layer sees at most four row counts per octave (RESULTS.md, section 13). Rows are independent,
+    so padding changes no value."""
 
     def forward(self, x):
         if x.device.type != 'cpu' or not torch.is_autocast_enabled('cpu'):
             return super().forward(x)
         M = x.numel() // x.shape[-1]
-        if bucket(M) == M:
+        pad = bucket(M) - M
+        if pad == 0:
             return super().forward(x)
-        rows = F.pad(x.reshape(M, x.shape[-1]), (0, 0, 0, bucket(M) - M))               # (bucket(M), in)
+        rows = F.pad(x.reshape(M, x.shape[-1]), (0, 0, 0, pad))                          # (bucket(M), in)
         y = super().forward(rows)[:M]                                                     # (M, out)
         return y.view(*x.shape[:-1], y.shape[-1])
 
