@@ -8,6 +8,7 @@ Read this file top to bottom; it is the tutorial.
       -> ViT encoder                      patch features   x      (B, N, C)   N = (H/p)*(W/p)
       -> density-peak clustering          labels                  (B, N)      a cluster id per patch
                                           num_tokens              (B,)        how many clusters
+      -> merging touching clusters        labels, num_tokens      (B, N), (B,) fewer clusters
            (grouping x, or an earlier block's features: cluster_layer, end of section 3)
       -> token merger                     tokens                  (B, K, D)   K = max_tokens (padded)
            intra-cluster transformer      (patches attend only within their own cluster)
@@ -286,6 +287,90 @@ def density_peak_cluster_reference(x, k=5, threshold=0.5, min_tokens=1, max_toke
     return torch.tensor(labels), n
 
 
+# Merging. Density peaks cut a large region whose features drift (a gradient or textured background,
+# the inner part and the rim of a large object) into several clusters, and put the patches that
+# straddle an edge, whose features lie between the two sides, into small clusters of their own.
+# merge_clusters joins them on the clusters' adjacency graph, as region-merging segmenters do: two
+# clusters that touch (4-neighbour patches) are joined when the features across their shared
+# boundary are close, the mean distance of their touching patch pairs under `tau` (in the same unit
+# of mean feature length). Joining is transitive, so a gradient cut into five pieces becomes one
+# cluster however far its ends lie apart, while an object stays apart from a background that touches
+# it, whatever its colour: its boundary is a jump in the features. A cluster of at most `min_size`
+# patches is too small to be an object and joins the neighbour it is closest to.
+
+@torch.no_grad()
+def merge_clusters(x, labels, K, tau=0.6, min_size=0):
+    """x (B, N, C) features of a square patch grid, labels (B, N) in [0, K) -> merged labels (B, N),
+    num_tokens (B,). A merged cluster takes the place of its lowest old id, so the order (by centre
+    score) is kept and the ids stay contiguous."""
+    B, N, C = x.shape
+    g = int(round(N ** 0.5))
+    x = x.float()
+    unit = x.norm(dim=-1).mean(1)[:, None].clamp_min(1e-12)                  # (B, 1) mean |x_i|
+    xm, lm = x.view(B, g, g, C), labels.view(B, g, g)
+    # every pair of 4-neighbour patches: E = 2 g (g - 1) edges, left-right then top-bottom
+    dist = torch.cat([(xm[:, :, 1:] - xm[:, :, :-1]).norm(dim=-1).flatten(1),
+                      (xm[:, 1:] - xm[:, :-1]).norm(dim=-1).flatten(1)], 1) / unit   # (B, E)
+    a = F.one_hot(torch.cat([lm[:, :, :-1].flatten(1), lm[:, :-1].flatten(1)], 1), K).float()   # (B, E, K)
+    b = F.one_hot(torch.cat([lm[:, :, 1:].flatten(1), lm[:, 1:].flatten(1)], 1), K).float()     # (B, E, K)
+    total = a.transpose(1, 2) @ (b * dist[..., None])                       # (B, K, K) summed distance i -> j
+    count = a.transpose(1, 2) @ b                                           # (B, K, K) touching pairs
+    total, count = total + total.transpose(1, 2), count + count.transpose(1, 2)   # symmetric
+    eye = torch.eye(K, dtype=torch.bool, device=x.device)
+    mean = torch.where((count > 0) & ~eye, total / count.clamp_min(1), torch.full_like(total, float('inf')))  # (B, K, K)
+    size = F.one_hot(labels, K).sum(1)                                      # (B, K) patches per cluster
+    small = (size > 0) & (size <= min_size) & mean.amin(-1).isfinite()     # (B, K) has a neighbour to join
+    link = (mean < tau) | (F.one_hot(mean.argmin(-1), K).bool() & small[..., None])   # (B, K, K)
+    link = link | link.transpose(1, 2) | eye                               # an undirected graph, with loops
+    for _ in range(max(1, math.ceil(math.log2(K)))):                        # paths of length up to K: components
+        link = (link.float() @ link.float()) > 0
+    root = link.float().argmax(-1)                                          # (B, K) lowest id of each one's component
+    is_root = (root == torch.arange(K, device=x.device)) & (size > 0)      # (B, K)
+    new_id = is_root.long().cumsum(1) - 1                                   # (B, K) roots renumbered 0, 1, ...
+    return new_id.gather(1, root).gather(1, labels), is_root.sum(1)
+
+
+def merge_clusters_reference(x, labels, tau=0.6, min_size=0):
+    """merge_clusters for ONE image (N, C), (N,), with loops and a union-find: the test's reference."""
+    N, C = x.shape
+    g = int(round(N ** 0.5))
+    x = x.double()
+    unit = sum(x[i].norm().item() for i in range(N)) / N
+    lab = [int(v) for v in labels]
+    total, count = {}, {}
+    for r in range(g):
+        for c in range(g):
+            for r2, c2 in ((r, c + 1), (r + 1, c)):
+                if r2 < g and c2 < g:
+                    i, j = r * g + c, r2 * g + c2
+                    a, b = lab[i], lab[j]
+                    if a != b:
+                        for key in ((a, b), (b, a)):
+                            total[key] = total.get(key, 0.0) + (x[i] - x[j]).norm().item() / unit
+                            count[key] = count.get(key, 0) + 1
+    parent = {k: k for k in set(lab)}
+
+    def find(k):
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    def join(p, q):
+        p, q = find(p), find(q)
+        parent[max(p, q)] = min(p, q)                                       # the lower id is the root
+
+    mean = {key: total[key] / count[key] for key in total}
+    for (a, b), m in mean.items():
+        if m < tau:
+            join(a, b)
+    for a in parent:
+        near = [(m, b) for (p, b), m in mean.items() if p == a]
+        if lab.count(a) <= min_size and near:
+            join(a, min(near)[1])                                           # ties: the lower id
+    roots = sorted({find(k) for k in parent})
+    return torch.tensor([roots.index(find(v)) for v in lab]), len(roots)
+
+
 # Which features to group. The paper clusters the output of a frozen, pretrained SigLIP. An encoder
 # trained from scratch (the toy) learns in its last blocks what the reconstruction needs, such as
 # edges and where a patch sits inside its object, and its output stops grouping by object: the rims of
@@ -381,6 +466,8 @@ class SeTokConfig:
     cluster_pos_weight: float = 1.0
     cluster_layer: int = -1   # which features are clustered: -1 the encoder's output (as the paper);
                               # L >= 0 the hidden state after its first L blocks (0: patch embeddings)
+    cluster_merge: float = 0.0     # merge_clusters' tau: touching clusters this close are joined (0: no merging)
+    cluster_min_size: int = 0      # ... and a cluster of at most this many patches joins its closest neighbour
     min_tokens: int = 1
     max_tokens: int = 16
     grid_size: int = 3        # tokens per side for tokenizer='grid'
@@ -414,7 +501,10 @@ class SeTok(nn.Module):
         if c.tokenizer == 'patch':
             return patch_labels(B, N, x.device), torch.full((B,), N, device=x.device)
         feats = x.detach() + c.cluster_pos_weight * self.pos                # cluster on content + position
-        return density_peak_cluster(feats, c.cluster_k, c.cluster_threshold, c.min_tokens, c.max_tokens)
+        labels, num_tokens = density_peak_cluster(feats, c.cluster_k, c.cluster_threshold, c.min_tokens, c.max_tokens)
+        if c.cluster_merge > 0 or c.cluster_min_size > 0:                   # join on content alone
+            labels, num_tokens = merge_clusters(x.detach(), labels, c.max_tokens, c.cluster_merge, c.cluster_min_size)
+        return labels, num_tokens
 
     def forward(self, img):
         """img (B, 3, H, W) in [0,1] -> tokens (B, K, D), token_mask (B, K) bool, labels (B, N)."""

@@ -25,7 +25,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
-import numpy as np
 import sentencepiece as spm
 import torch
 
@@ -40,6 +39,7 @@ from data.stream import StreamingLoader
 from data.world import load_split, resolve_world, world_settings, world_splits
 from detok import DetokConfig, Tokenizer, psnr
 from pretrained import init_vit, pretrained_config, vit_shape
+from eval_setok import Partitions, error_overlay, error_sums, to_pixels
 from setok import SeTokConfig, grid_labels
 
 # -----------------------------------------------------------------------------
@@ -73,6 +73,8 @@ cluster_k = 5
 cluster_threshold = 0.5         # on rho * delta, distances in units of the mean feature length (setok.py)
 cluster_pos_weight = 1.0
 cluster_layer = -1                # clustered features: -1 the encoder's output, L the hidden state after L blocks
+cluster_merge = 0.0               # touching clusters closer than this across their boundary are joined (setok.merge_clusters; 0: off)
+cluster_min_size = 0              # a cluster of at most this many patches joins its closest neighbour
 min_tokens = 1
 max_tokens = 16
 grid_size = 3
@@ -195,118 +197,94 @@ def streamed_data(dirs, sp_file, rank, world, master, cuda):
     return loader, val
 
 
-def patch_gt(instances, grid, n_obj):
-    """Instance maps (B, H, W) -> each patch's majority label (B, N): 0 background, i object i."""
-    B, H, W = instances.shape
-    p = H // grid
-    oh = torch.nn.functional.one_hot(instances.long(), n_obj + 1).float()   # (B, H, W, O+1)
-    oh = oh.view(B, grid, p, grid, p, -1).sum((2, 4))                       # (B, g, g, O+1) pixel counts
-    return oh.argmax(-1).flatten(1)                                         # (B, N)
-
-
-def best_iou(gt, labels, n_obj, K):
-    """For each ground-truth object: the best IoU of any one cluster with it, at patch level.
-    gt, labels (B, N). Returns (B, n_obj) IoUs and (B, n_obj) mask of objects with >= 1 patch."""
-    g = torch.nn.functional.one_hot(gt, n_obj + 1)[..., 1:].float()         # (B, N, O) objects only
-    c = torch.nn.functional.one_hot(labels, K).float()                      # (B, N, K)
-    inter = g.transpose(1, 2) @ c                                           # (B, O, K)
-    union = g.sum(1)[..., None] + c.sum(1)[:, None, :] - inter
-    return (inter / union.clamp_min(1)).amax(-1), g.sum(1) > 0
-
-
-def spearman(a, b):
-    """Spearman rank correlation with average ranks for ties."""
-    def rank(x):
-        x = np.asarray(x, float)
-        order = x.argsort(kind='stable')
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for v in np.unique(x):                                              # average the ranks of ties
-            r[x == v] = r[x == v].mean()
-        return r
-    ra, rb = rank(a), rank(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return 0.0
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 @torch.no_grad()
 def evaluate(model, sp, val, concept_vocab, cfg, ctx, dev, panel_path=None):
-    """Reconstruction PSNR, mean best IoU (SeTok vs the grid baseline at the same mean token count),
-    Spearman(tokens, objects), concept retrieval accuracy; and a picture panel. Without instance maps
-    (val has no 'instances': real images of a caption or LLaVA world) PSNR and tokens per image only."""
+    """Reconstruction PSNR; the partition against the objects (eval_setok.py: FG-ARI, mBO, cover90,
+    excess tokens, Spearman(tokens, objects)), beside the grid baseline at the same mean token count;
+    concept retrieval; and a picture panel. Without instance maps (val has no 'instances': real images
+    of a caption or LLaVA world) PSNR and tokens per image only."""
     if not val:
         return {}
     model.eval()
-    setok, n, full = model.setok, len(val['images']), 'instances' in val
+    setok, n, full, B = model.setok, len(val['images']), 'instances' in val, cfg['batch_size']
+    K = setok.max_tokens
     if full:
-        n_obj = int(val['instances'].max())
         vocab_ids, _ = encode_concepts(sp, [{'concepts': concept_vocab}], len(concept_vocab), cfg['concept_len'])
         vocab_emb = torch.nn.functional.normalize(model.text(vocab_ids[0].to(dev)).float(), dim=-1)  # (V, D)
         name_to_idx = {c: i for i, c in enumerate(concept_vocab)}
-    ps, ious, masks, ntok, nobj, hits, total, grid_ious = [], [], [], [], [], 0, 0, []
-    for i in range(0, n, cfg['batch_size']):
-        img = val['images'][i:i + cfg['batch_size']].to(dev).permute(0, 3, 1, 2).float() / 255
-        inst = val['instances'][i:i + cfg['batch_size']].to(dev) if full else None
+    ps, ntok, nobj, parts, hits, total, err, px = [], [], [], Partitions(), 0, 0, 0, 0
+    for i in range(0, n, B):
+        img = val['images'][i:i + B].to(dev).permute(0, 3, 1, 2).float() / 255
         with ctx:
             tokens, token_mask, labels = setok(img)
             recon = model.detok(tokens, token_mask)
         ps.append(psnr(recon.float(), img))
         ntok.append(token_mask.sum(1))
-        if panel_path and i == 0:
-            k = min(8, len(img))
-            rows = [[to_uint8(img[j], 4) for j in range(k)],
-                    [cluster_overlay(img[j], labels[j], 4) for j in range(k)],
-                    [to_uint8(recon[j].float(), 4) for j in range(k)]]
-            text = [[''] * k, [f'{int(token_mask[j].sum())} tokens' for j in range(k)],
-                    [f'{ps[-1][j]:.1f} dB' for j in range(k)]]
-            save_panel(rows, panel_path, text)
         if not full:
             continue
-        gt = patch_gt(inst, setok.grid, n_obj)
-        iou, m = best_iou(gt, labels, n_obj, setok.max_tokens)
-        ious.append(iou[m]); masks.append(m)
-        nobj.append(inst.flatten(1).amax(1))
+        inst, pix = val['instances'][i:i + B].to(dev), to_pixels(img, labels, K)
+        m = parts.add(inst, pix, K, ntok[-1])
+        nobj.append(m['present'].sum(1))
+        e, c = error_sums(recon, img, inst)                                 # near edges, objects, background
+        err, px = err + e, px + c
         # concept retrieval: the token of each object's best cluster, nearest concept in the vocabulary
-        oh_g = torch.nn.functional.one_hot(gt, n_obj + 1)[..., 1:].float()
-        oh_c = torch.nn.functional.one_hot(labels, setok.max_tokens).float()
-        inter = oh_g.transpose(1, 2) @ oh_c
-        best = (inter / (oh_g.sum(1)[..., None] + oh_c.sum(1)[:, None] - inter).clamp_min(1)).argmax(-1)  # (B, O)
-        tok = torch.nn.functional.normalize(tokens.float(), dim=-1).gather(1, best[..., None].expand(-1, -1, tokens.shape[-1]))
+        tok = torch.nn.functional.normalize(tokens.float(), dim=-1).gather(1, m['best'][..., None].expand(-1, -1, tokens.shape[-1]))
         pred = (tok @ vocab_emb.T).argmax(-1)                               # (B, O)
-        for b, rec in enumerate(val['records'][i:i + cfg['batch_size']]):
+        for b, rec in enumerate(val['records'][i:i + B]):
             for o, obj in enumerate(rec['objects']):
-                if m[b, o]:
+                if m['present'][b, o]:
                     total += 1
                     name = obj.get('concept', obj.get('category'))      # RefCOCO's objects: a category
                     hits += int(pred[b, o].item() == name_to_idx.get(name, -1))
-    ntok = torch.cat(ntok).cpu()
-    if not full:
-        model.train()
-        return {'psnr': torch.cat(ps).mean().item(), 'tokens': ntok.float().mean().item()}
-    nobj = torch.cat(nobj).cpu()
-    # the grid baseline at the same mean number of tokens: g x g cells, g = round(sqrt(mean tokens))
-    g = max(1, round(ntok.float().mean().sqrt().item()))
-    for i in range(0, n, cfg['batch_size']):
-        inst = val['instances'][i:i + cfg['batch_size']]
-        gt = patch_gt(inst, setok.grid, n_obj)
-        iou, m = best_iou(gt, grid_labels(len(inst), setok.grid, g), n_obj, g * g)
-        grid_ious.append(iou[m])
+        if panel_path and i == 0:   # image, clusters (pixel level), what is wrong, reconstruction
+            k = min(8, len(img))
+            errors = [error_overlay(img[j], inst[j], pix[j]) for j in range(k)]
+            rows = [[to_uint8(img[j], 4) for j in range(k)], [cluster_overlay(img[j], pix[j], 4) for j in range(k)],
+                    [e[0] for e in errors], [to_uint8(recon[j].float(), 4) for j in range(k)]]
+            text = [[''] * k, [f'{int(token_mask[j].sum())} tokens' for j in range(k)], [e[1] for e in errors],
+                    [f'{ps[-1][j]:.1f} dB' for j in range(k)]]
+            save_panel(rows, panel_path, text)
+    if panel_path and not full:
+        k = min(8, len(img))
+        save_panel([[to_uint8(img[j], 4) for j in range(k)], [cluster_overlay(img[j], labels[j], 4) for j in range(k)],
+                    [to_uint8(recon[j].float(), 4) for j in range(k)]], panel_path)
+    out = {'psnr': torch.cat(ps).mean().item(), 'tokens': torch.cat(ntok).float().mean().item()}
+    if full:
+        # the grid baseline at the same mean number of tokens: g x g cells, g = round(sqrt(mean tokens))
+        g, grid = max(1, round(out['tokens'] ** 0.5)), Partitions()
+        for i in range(0, n, B):
+            img = val['images'][i:i + B].permute(0, 3, 1, 2).float() / 255
+            grid.add(val['instances'][i:i + B], to_pixels(img, grid_labels(len(img), setok.grid, g), g * g), g * g,
+                     torch.full((len(img),), g * g))
+        out.update(parts.summary(), retrieval=hits / max(1, total), grid_tokens=g * g,
+                   **{f'grid_{k}': v for k, v in grid.summary().items() if k in ('fg_ari', 'mbo', 'mbo_bg')})
+        # where the error lies: shares of the squared error and of the pixels near edges / objects / background,
+        # and PSNR by the number of objects in the image
+        ps, nobj = torch.cat(ps).cpu(), torch.cat(nobj).cpu()
+        out.update(err_share=(err / err.sum()).tolist(), px_share=(px / px.sum()).tolist(),
+                   psnr_by_objects={int(k): ps[nobj == k].mean().item() for k in nobj.unique()})
     model.train()
-    return {'psnr': torch.cat(ps).mean().item(), 'miou': torch.cat(ious).mean().item(),
-            'grid_miou': torch.cat(grid_ious).mean().item(), 'grid_tokens': g * g,
-            'tokens': ntok.float().mean().item(), 'spearman': spearman(ntok.numpy(), nobj.numpy()),
-            'retrieval': hits / max(1, total)}
+    return out
 
 
 def fmt(m):
     if not m:
         return "no val or test images in data_dirs: eval skipped"
-    if 'miou' not in m:
+    if 'fg_ari' not in m:
         return (f"psnr {m['psnr']:.2f} dB | tokens {m['tokens']:.2f} | (no instance maps in the val images: "
-                f"IoU, Spearman and retrieval skipped)")
-    return (f"psnr {m['psnr']:.2f} dB | mean best IoU {m['miou']:.3f} (grid {m['grid_miou']:.3f} @ {m['grid_tokens']} tok)"
-            f" | tokens {m['tokens']:.2f} | spearman {m['spearman']:.3f} | retrieval {m['retrieval']:.3f}")
+                f"FG-ARI, mBO, Spearman and retrieval skipped)")
+    return (f"psnr {m['psnr']:.2f} dB | FG-ARI {m['fg_ari']:.3f} (grid {m['grid_fg_ari']:.3f}) | mBO {m['mbo']:.3f} "
+            f"(grid {m['grid_mbo']:.3f}), background {m['mbo_bg']:.3f} (grid {m['grid_mbo_bg']:.3f}) | cover90 {m['cover90']:.3f} | "
+            f"tokens {m['tokens']:.2f} (grid {m['grid_tokens']}), excess {m['excess']:.2f}, exact {m['exact']:.3f} | "
+            f"spearman {m['spearman']:.3f} | retrieval {m['retrieval']:.3f}")
+
+
+def fmt_errors(m):
+    """Where the reconstruction's error lies (eval_only prints it under the metrics)."""
+    where = ('within 2 px of an edge', 'in objects', 'in the background')
+    return ("squared error: " + ', '.join(f'{a:.0%} {w} ({b:.0%} of the pixels)' for a, b, w in
+                                          zip(m['err_share'], m['px_share'], where))
+            + " | PSNR by objects in the image: " + ', '.join(f'{k}: {v:.2f} dB' for k, v in sorted(m['psnr_by_objects'].items())))
 
 
 # -----------------------------------------------------------------------------
@@ -349,6 +327,8 @@ if __name__ == '__main__':
         die(f"tokenizer={tokenizer}: expected setok, grid or patch")
     if not -1 <= cluster_layer < depth:
         die(f"cluster_layer={cluster_layer}: expected -1 (the encoder's output) or a number of blocks 0..{depth - 1}")
+    if cluster_merge < 0 or cluster_min_size < 0:
+        die(f"cluster_merge={cluster_merge}, cluster_min_size={cluster_min_size}: expected numbers >= 0 (0: no merging)")
 
     # ---- a checkpoint to resume from is checked first, before any data is loaded
     scfg, dcfg = setok_config(config), detok_config(config)
@@ -430,7 +410,8 @@ if __name__ == '__main__':
     if eval_only:
         if master:
             m = evaluate(model, sp, val, concept_vocab, config, ctx, dev, os.path.join(out, 'eval.png'))
-            print(f"eval step {step} | {fmt(m)}\nwrote {os.path.join(out, 'eval.png')}")
+            print(f"eval step {step} | {fmt(m)}" + (f"\n{fmt_errors(m)}" if 'err_share' in m else '')
+                  + f"\nwrote {os.path.join(out, 'eval.png')}")
         sys.exit(0)
 
     fwd = torch.compile(model) if compile_on(compile, dev) else model
@@ -501,7 +482,7 @@ if __name__ == '__main__':
                 m = evaluate(model, sp, val, concept_vocab, config, ctx, dev, os.path.join(out, 'eval.png'))
                 log.write('eval', step, **m)
                 plot_curves(log.records(), os.path.join(out, 'curves.png'),
-                            ['loss', 'psnr', 'contrast', 'tokens', 'miou', 'spearman', 'retrieval'])
+                            ['loss', 'psnr', 'contrast', 'tokens', 'fg_ari', 'mbo', 'excess', 'spearman', 'retrieval'])
                 bar.write(f"step {step} | {fmt(m)} | {time.time() - t0:.0f}s")
             if ddp:
                 torch.distributed.barrier()

@@ -57,6 +57,12 @@ def test_scripts_reject_unknown_keys(script):
     assert r.stderr.count('\n') == 1 and 'nonsense' in r.stderr and 'Traceback' not in r.stderr
 
 
+@pytest.mark.parametrize('arg', ['cluster_merge=-0.5', 'cluster_min_size=-1'])
+def test_train_setok_rejects_bad_clustering_values(arg):
+    r = subprocess.run([sys.executable, 'train_setok.py', 'config=small', arg], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and arg in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+
 def test_every_preset_key_is_a_setting_of_some_script():
     """A typo in a preset would be skipped silently by every script; this catches it."""
     from common import load_preset

@@ -140,7 +140,7 @@ def setok_ckpt(worlds, tmp_path_factory):
     assert len(ls) >= 6 and all(np.isfinite(ls)) and ls[-1] < ls[0], ls                # a postfix per step (or two)
     assert '17 train images in 2 streamed world(s)' in r.stdout, r.stdout       # 12 captions + 5 RefCOCO
     assert 'eval: 5 val images of 2 world(s), without instance maps' in r.stdout   # the caption images have none
-    assert 'IoU, Spearman and retrieval skipped' in r.stdout
+    assert 'FG-ARI, mBO, Spearman and retrieval skipped' in r.stdout
     return out
 
 
@@ -161,7 +161,7 @@ def test_setok_eval_with_instance_maps(worlds, setok_ckpt):
     """RefCOCO's val images have instance maps and objects: the full metrics, retrieval by category."""
     r = run_script('train_setok.py', *TINY_SETOK, f"data_dirs={worlds['refcoco']}", f'out_dir={setok_ckpt}',
                    'eval_only=True')
-    assert 'mean best IoU' in r.stdout and 'retrieval' in r.stdout, r.stdout
+    assert 'FG-ARI' in r.stdout and 'retrieval' in r.stdout, r.stdout
 
 
 # -----------------------------------------------------------------------------

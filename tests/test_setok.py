@@ -2,7 +2,7 @@
 import torch
 
 from setok import (Linear, SeTok, SeTokConfig, TokenMerger, bucket, concept_contrastive_loss, density_peak_cluster,
-                   density_peak_cluster_reference, grid_labels, pos_embed_2d)
+                   density_peak_cluster_reference, grid_labels, merge_clusters, merge_clusters_reference, pos_embed_2d)
 
 
 def blobs(n_blobs, per=20, C=16, seed=0):
@@ -54,6 +54,44 @@ def test_batched_clustering_matches_looped_reference():
             ref_labels, ref_n = density_peak_cluster_reference(x[b], k=k, threshold=thr, min_tokens=lo, max_tokens=hi)
             assert num[b].item() == ref_n
             assert torch.equal(labels[b], ref_labels)
+
+
+def test_merging_joins_a_drifting_region_and_keeps_objects_apart():
+    """An 8x8 patch grid: a background whose feature drifts from left to right (cut by position into
+    four column bands), one object (a jump in the features) and one lone edge patch. The bands join
+    however far apart their ends are, the object stays apart, and the lone patch joins its neighbour."""
+    g, C = 8, 4
+    col = torch.arange(g).float().repeat(g)                                 # (N,) column of each patch
+    x = torch.zeros(g * g, C)
+    x[:, 0] = 1 + 0.1 * col                                                 # the drift: 0.1 per patch
+    obj = torch.zeros(g, g, dtype=torch.bool)
+    obj[2:5, 2:5] = True
+    obj = obj.flatten()
+    x[obj] = torch.tensor([0.0, 3.0, 0.0, 0.0])                             # the object: far from all of it
+    x[63, 2] = 1.0                                                          # a patch unlike its neighbours
+    labels = (col // 2).long()                                              # 4 bands, as position cuts them
+    labels[obj], labels[63] = 4, 5
+    merged, n = merge_clusters(x[None], labels[None], K=8, tau=0.2, min_size=0)
+    assert n.item() == 3 and len(set(merged[0][~obj].tolist()) - {int(merged[0, 63])}) == 1
+    merged, n = merge_clusters(x[None], labels[None], K=8, tau=0.2, min_size=1)
+    assert n.item() == 2 and merged[0][obj].eq(1).all() and merged[0][~obj].eq(0).all()
+    # without merging nothing changes; ids stay in order: a cluster keeps the place of its lowest id
+    assert torch.equal(merge_clusters(x[None], labels[None], K=8, tau=0.0)[0][0], labels)
+
+
+def test_batched_merging_matches_looped_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, 8, 6, generator=g)
+    x = ((x + x.roll(1, 1) + x.roll(1, 2)) / 3).view(6, 64, 6)             # neighbours alike, as in images
+    labels, _ = density_peak_cluster(x, k=3, threshold=0.05, max_tokens=12)
+    merged = 0
+    for tau, min_size in [(0.3, 0), (0.5, 2), (0.7, 3), (0.0, 4)]:
+        out, num = merge_clusters(x, labels, 12, tau, min_size)
+        for b in range(len(x)):
+            ref, ref_n = merge_clusters_reference(x[b], labels[b], tau, min_size)
+            assert torch.equal(out[b], ref) and num[b].item() == ref_n
+        merged += int((num < labels.amax(1) + 1).sum())
+    assert merged > 0, "the test needs merges to happen"
 
 
 def test_every_patch_has_one_cluster_and_counts_are_bounded():

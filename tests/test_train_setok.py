@@ -45,9 +45,9 @@ def test_a_few_steps_lower_the_loss(world, tmp_path):
     # the FLOPs of a step (forward + backward, attention included) are counted once, for bench.py's MFU
     assert recs[0]['kind'] == 'setup' and recs[0]['dtype'] in ('float32', 'bfloat16')
     assert all(x['flops'] == train[0]['flops'] > 1e7 for x in train)
-    assert [x['kind'] for x in recs][-1] == 'eval' and recs[-1]['step'] == 30 and 'miou' in recs[-1]
+    assert [x['kind'] for x in recs][-1] == 'eval' and recs[-1]['step'] == 30 and 'fg_ari' in recs[-1] and 'excess' in recs[-1]
     assert os.path.exists(tmp_path / 'a' / 'eval.png') and os.path.exists(tmp_path / 'a' / 'curves.png')
-    assert 'mean best IoU' in r.stdout
+    assert all(name in r.stdout for name in ('FG-ARI', 'mBO', 'excess'))
     # piped output: a plain line every log_interval steps, no progress bar redrawn at every step
     assert r.stdout.count('train_setok ') == 30 and '\r' not in r.stdout + r.stderr
 
