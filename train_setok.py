@@ -220,9 +220,18 @@ def evaluate(model, sp, val, concept_vocab, cfg, ctx, dev, panel_path=None):
             recon = model.detok(tokens, token_mask)
         ps.append(psnr(recon.float(), img))
         ntok.append(token_mask.sum(1))
+        inst, pix = (val['instances'][i:i + B].to(dev), to_pixels(img, labels, K)) if full else (None, None)
+        if panel_path and i == 0:   # image, clusters (at pixel level), what is wrong with them, reconstruction
+            k = min(8, len(img))
+            errors = [error_overlay(img[j], inst[j], pix[j]) for j in range(k)] if full else []
+            rows = [[to_uint8(img[j], 4) for j in range(k)],
+                    [cluster_overlay(img[j], pix[j] if full else labels[j], 4) for j in range(k)],
+                    *([[e[0] for e in errors]] if full else []), [to_uint8(recon[j].float(), 4) for j in range(k)]]
+            text = [[''] * k, [f'{int(token_mask[j].sum())} tokens' for j in range(k)],
+                    *([[e[1] for e in errors]] if full else []), [f'{ps[-1][j]:.1f} dB' for j in range(k)]]
+            save_panel(rows, panel_path, text)
         if not full:
             continue
-        inst, pix = val['instances'][i:i + B].to(dev), to_pixels(img, labels, K)
         m = parts.add(inst, pix, K, ntok[-1])
         nobj.append(m['present'].sum(1))
         e, c = error_sums(recon, img, inst)                                 # near edges, objects, background
@@ -236,18 +245,6 @@ def evaluate(model, sp, val, concept_vocab, cfg, ctx, dev, panel_path=None):
                     total += 1
                     name = obj.get('concept', obj.get('category'))      # RefCOCO's objects: a category
                     hits += int(pred[b, o].item() == name_to_idx.get(name, -1))
-        if panel_path and i == 0:   # image, clusters (pixel level), what is wrong, reconstruction
-            k = min(8, len(img))
-            errors = [error_overlay(img[j], inst[j], pix[j]) for j in range(k)]
-            rows = [[to_uint8(img[j], 4) for j in range(k)], [cluster_overlay(img[j], pix[j], 4) for j in range(k)],
-                    [e[0] for e in errors], [to_uint8(recon[j].float(), 4) for j in range(k)]]
-            text = [[''] * k, [f'{int(token_mask[j].sum())} tokens' for j in range(k)], [e[1] for e in errors],
-                    [f'{ps[-1][j]:.1f} dB' for j in range(k)]]
-            save_panel(rows, panel_path, text)
-    if panel_path and not full:
-        k = min(8, len(img))
-        save_panel([[to_uint8(img[j], 4) for j in range(k)], [cluster_overlay(img[j], labels[j], 4) for j in range(k)],
-                    [to_uint8(recon[j].float(), 4) for j in range(k)]], panel_path)
     out = {'psnr': torch.cat(ps).mean().item(), 'tokens': torch.cat(ntok).float().mean().item()}
     if full:
         # the grid baseline at the same mean number of tokens: g x g cells, g = round(sqrt(mean tokens))
