@@ -1,4 +1,5 @@
-"""SeTok's parts on synthetic inputs: clustering, merger, compile, the contrastive loss."""
+"""SeTok's parts on synthetic inputs: clustering, merging, merger, compile, the contrastive loss."""
+import pytest
 import torch
 
 from setok import (Linear, SeTok, SeTokConfig, TokenMerger, bucket, concept_contrastive_loss, density_peak_cluster,
@@ -197,8 +198,10 @@ def blocky(n, seed, size=32):
     return img
 
 
-def test_compiled_setok_does_not_recompile_across_token_counts():
-    m = tiny_setok()
+@pytest.mark.parametrize('merge', [0.0, 0.6])
+def test_compiled_setok_does_not_recompile_across_token_counts(merge):
+    m = tiny_setok(cluster_merge=merge, cluster_min_size=1)
+    torch._dynamo.reset()                                               # the other parameter's graphs
     compiled = torch.compile(m, backend='eager', dynamic=False)
     counts = set()
     with torch._dynamo.config.patch(error_on_recompile=True):
