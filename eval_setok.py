@@ -139,8 +139,13 @@ class Partitions:
                            'objects': present.sum(1), 'tokens': num_tokens})
         return m
 
+    def column(self, key):
+        """One of the accumulated values over every batch: 'ari', 'iou', 'cover', 'bg_iou', 'objects' or
+        'tokens' (per image; 'iou' and 'cover' per object)."""
+        return torch.cat([p[key] for p in self.parts]).cpu()
+
     def summary(self):
-        cat = {k: torch.cat([p[k] for p in self.parts]).cpu() for k in self.parts[0]}
+        cat = {k: self.column(k) for k in self.parts[0]}
         ari, excess = cat['ari'], (cat['tokens'] - cat['objects'] - 1).float()
         return {'fg_ari': ari[~ari.isnan()].mean().item(), 'mbo': cat['iou'].mean().item(),
                 'mbo_bg': cat['bg_iou'].mean().item(), 'cover90': (cat['cover'] >= 0.9).float().mean().item(),
@@ -168,7 +173,8 @@ def error_overlay(img, inst, pix, scale=4):
     out[merged] = (255, 230, 0)
     out[wrong & is_obj] = (255, 40, 40)
     out[wrong & ~is_obj] = (255, 160, 0)
-    split = int(((table[1:].amax(1) < 0.9 * sizes[1:]) & (sizes[1:] > 0)).sum())
+    m = partition_metrics(inst[None], pix[None], table.shape[1])
+    split = int(((m['cover'] < 0.9) & m['present']).sum())                  # as cover90 counts them
     bg_pieces = int(((table.argmax(0) == 0) & (table.sum(0) > 0)).sum())      # clusters mostly background
     return out.round().astype(np.uint8), f'{split} split, {int(shared.sum())} merged, bg in {bg_pieces}'
 

@@ -212,7 +212,7 @@ def evaluate(model, sp, val, concept_vocab, cfg, ctx, dev, panel_path=None):
         vocab_ids, _ = encode_concepts(sp, [{'concepts': concept_vocab}], len(concept_vocab), cfg['concept_len'])
         vocab_emb = torch.nn.functional.normalize(model.text(vocab_ids[0].to(dev)).float(), dim=-1)  # (V, D)
         name_to_idx = {c: i for i, c in enumerate(concept_vocab)}
-    ps, ntok, nobj, parts, hits, total, err, px = [], [], [], Partitions(), 0, 0, 0, 0
+    ps, ntok, parts, hits, total, err, px = [], [], Partitions(), 0, 0, 0, 0
     for i in range(0, n, B):
         img = val['images'][i:i + B].to(dev).permute(0, 3, 1, 2).float() / 255
         with ctx:
@@ -233,7 +233,6 @@ def evaluate(model, sp, val, concept_vocab, cfg, ctx, dev, panel_path=None):
         if not full:
             continue
         m = parts.add(inst, pix, K, ntok[-1])
-        nobj.append(m['present'].sum(1))
         e, c = error_sums(recon, img, inst)                                 # near edges, objects, background
         err, px = err + e, px + c
         # concept retrieval: the token of each object's best cluster, nearest concept in the vocabulary
@@ -257,7 +256,7 @@ def evaluate(model, sp, val, concept_vocab, cfg, ctx, dev, panel_path=None):
                    **{f'grid_{k}': v for k, v in grid.summary().items() if k in ('fg_ari', 'mbo', 'mbo_bg')})
         # where the error lies: shares of the squared error and of the pixels near edges / objects / background,
         # and PSNR by the number of objects in the image
-        ps, nobj = torch.cat(ps).cpu(), torch.cat(nobj).cpu()
+        ps, nobj = torch.cat(ps).cpu(), parts.column('objects')
         out.update(err_share=(err / err.sum()).tolist(), px_share=(px / px.sum()).tolist(),
                    psnr_by_objects={int(k): ps[nobj == k].mean().item() for k in nobj.unique()})
     model.train()
