@@ -35,7 +35,7 @@ import torch
 from common import save_panel, to_uint8
 from data.batch import collate
 from data.conversations import KINDS, TASKS
-from data.shapes.judge import edit_target, judge, rates, score_edit, score_t2i
+from data.shapes.judge import EDIT_OPS, edit_target, judge, rates, score_edit, score_t2i
 from data.shapes.prepare import COLORS, caption_guess, parse_caption
 from detok import psnr
 from setokim import visual_tokens
@@ -285,5 +285,7 @@ def fmt(m):
         parts.append(f"t2i judged: {js('t2i')} (caption-only guess: {js('t2i_guess')}; SeTok recon: {js('t2i_oracle')})")
     if 'edit_success' in m:
         js = lambda p: f"success {m[f'{p}_success']:.3f} preserved {m[f'{p}_preserved']:.3f}"
-        parts.append(f"edit judged: {js('edit')} (source copied: {js('edit_copy')}; SeTok recon: {js('edit_oracle')})")
+        ops = ' '.join(f"{op} {m[f'edit_{op}']:.2f}" for op in EDIT_OPS if f'edit_{op}' in m)
+        parts.append(f"edit judged: {js('edit')} (success by op: {ops}; source copied: {js('edit_copy')}; "
+                     f"SeTok recon: {js('edit_oracle')})")
     return ' | '.join(parts)

@@ -14,9 +14,10 @@ the world's special tokens). K, the number of tokens of an image, is that image'
   * reading:  each visual token v_k (width D) goes through the input projector (MLP D -> C) and is
               scattered into the embedded sequence at its slot (a boolean mask, no loop);
   * writing:  inside an answer, after [Img], the hidden state at each position conditions a small
-              per-token DIFFUSION head (section 4, MAR-style) that samples the NEXT visual token; a
-              COPY head may instead point at one of the input image's tokens (editing keeps what it
-              does not touch). gen_head='mse' regresses the token instead (MSE + cosine), the
+              per-token DIFFUSION head (section 4, MAR-style) that samples the NEXT visual token; in
+              an edit a COPY head first points at one of the input image's tokens, and the token
+              written is that one kept exactly, or that one plus a change the diffusion head samples
+              (an edit keeps what it does not touch). gen_head='mse' regresses instead (MSE + cosine), the
               comparison. At the same positions the LM head predicts VIS, an extra vocabulary row
               meaning "a visual token follows", and [/Img] after the last one: the model decides how
               many tokens its image gets. detok.py renders them;
@@ -25,7 +26,7 @@ the world's special tokens). K, the number of tokens of an image, is that image'
               labels say which (a gather), then upsampling to pixels.
 
     loss = ce_weight * text CE (answers only)
-         + reg_weight * (diffusion loss [or MSE + cos_weight * (1 - cos)] + copy_weight * copy CE)
+         + reg_weight * (diffusion loss [or MSE + cos_weight * (1 - cos)] + copy_weight * (pointer CE + keep BCE))
          + mask_weight * (BCE + dice_weight * dice)          each sample uses the terms its data has
 
 The ids of the special tokens ([Img], [/Img], [SEG], ...) come from the text tokenizer (data/text.py)
@@ -72,7 +73,7 @@ class GPTConfig:
     diff_width: int = 256      # the diffusion head's MLP width
     diff_depth: int = 3        # its residual blocks
     diff_mean: bool = True     # diffuse the residual around a regressed mean (DiffusionHead)
-    copy_head: bool = True     # a written token may point at one of the input image's tokens (editing)
+    copy_head: bool = True     # an edit's written token is an input token, kept or changed (section 4b)
     # ids of the text tokenizer's special tokens, used while generating: always set from the tokenizer
     # (GPTConfig.for_tokenizer); -1 = not set
     img_id: int = -1
@@ -164,8 +165,10 @@ class GPT(nn.Module):
 # the detokenizer draws each as its own sprite, so their order is free, but an LLM reads and writes
 # a SEQUENCE. We put every image's tokens in READING ORDER: by the centroid of each token's cluster,
 # top to bottom in `bands` horizontal bands, left to right inside a band (the order the world's
-# captions list objects in). The labels are renumbered with the same permutation, so "patch n belongs
-# to token labels[n]" stays true. Grid tokens keep their raster order.
+# captions list objects in), after the GROUND: a token whose cluster holds more than half of the
+# patches (the background, when it is one piece) is read first, so the k-th object of a caption is the
+# (k+1)-th token wherever the background's centroid falls. The labels are renumbered with the same
+# permutation, so "patch n belongs to token labels[n]" stays true. Grid tokens keep their raster order.
 
 def reading_order(tokens, token_mask, labels, grid, bands=3):
     """tokens (B,K,D), token_mask (B,K), labels (B,N) -> the same three, tokens permuted per image
@@ -178,7 +181,8 @@ def reading_order(tokens, token_mask, labels, grid, bands=3):
     cy = (onehot * ys[None, :, None]).sum(1) / count                        # (B, K) centroid row
     cx = (onehot * xs[None, :, None]).sum(1) / count                        # (B, K) centroid column
     band = (cy * bands / grid).floor().clamp(max=bands - 1)
-    key = torch.where(token_mask, band * grid + cx, torch.full_like(cx, float('inf')))
+    key = torch.where(2 * count > grid * grid, -1.0, band * grid + cx)     # the ground first
+    key = torch.where(token_mask, key, float('inf'))
     order = torch.sort(key, dim=1, stable=True).indices                     # (B, K) new slot -> old
     new_of_old = torch.empty_like(order).scatter_(1, order, torch.arange(K, device=tokens.device).expand(B, K))
     return (tokens.gather(1, order[..., None].expand(B, K, D)), token_mask.gather(1, order),
@@ -417,13 +421,18 @@ def alpha_sigma(t):
     return torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)
 
 
-# 4b) Copying. An edit changes one object; every other token of the target is (nearly) a token of the
-# source: the same object, drawn again. Sampling it anew would redraw it, a little off. So a written
-# token may instead POINT at one of the input image's tokens (a pointer network, Vinyals et al. 2015):
-# the hidden state at the written position scores every input visual slot of the same conversation
-# (a query-key dot product) against one more logit, "write a new token". Its target: the input token
-# nearest the true one when that is within copy_tau (mean squared difference per channel, normalised
-# space), else "new". Generation takes the argmax: a copied token is the source's token exactly.
+# 4b) Copying and changing. An edit changes one object; every other token of the target is (nearly) a
+# token of the source: the same object, drawn again. Sampling it anew would redraw it, a little off.
+# And the edited object's new token is its old one with one thing changed: its colour, or its place.
+# So in an edit every written token starts from a token of the input image (a pointer network,
+# Vinyals et al. 2015): the hidden state at the written position scores every input visual slot of
+# the same conversation (a query-key dot product), and the token written is
+#     the pointed token b, exactly,           when the KEEP gate says so (a logit of the hidden state)
+#     b + the sampled change x_0,              otherwise: the writing head (diffusion or mse) writes
+#                                             x_0 = token - b, conditioned on h + copy_in(b)
+# Targets: the pointer's is the input token nearest the true one (mean squared difference per
+# channel, normalised space); the gate's is "within copy_tau of it". A removed object is a slot the
+# pointer never picks. Text-to-image has nothing to point at: b = 0 and the head writes the token.
 
 def copy_candidates(b):
     """-> br, tr (R,): the row and position of each written token's hidden state (reg_mask), and cand
@@ -441,15 +450,18 @@ def copy_candidates(b):
 
 def copy_targets(b, vn, tgt, cands, tau):
     """vn (M, D) the batch's visual tokens (normalised, row-major slots), tgt (R, D) the written ones ->
-    (R,) labels: the slot to copy, T for "new", -1 where there is nothing to copy (text-to-image)."""
+    slot (R,): the nearest candidate slot (-1 where there is none: text-to-image), base (R, D): its
+    token (0 where none), keep (R,) bool: within tau of it."""
     br, _, cand = cands
     R, T = cand.shape
-    slot = (b['vis_mask'].flatten().cumsum(0) - 1).view(b['vis_mask'].shape)   # (B, T) slot -> row of vn
+    row = (b['vis_mask'].flatten().cumsum(0) - 1).view(b['vis_mask'].shape)   # (B, T) slot -> row of vn
     r, j = cand.nonzero(as_tuple=True)                                      # (P,) candidate pairs
-    d = (tgt[r] - vn[slot[br[r], j]]).pow(2).mean(-1)                       # (P,)
+    d = (tgt[r] - vn[row[br[r], j]]).pow(2).mean(-1)                        # (P,)
     dist = torch.full((R, T), float('inf'), device=tgt.device).index_put((r, j), d.float())
-    best, arg = dist.min(1)                                                 # (R,)
-    return torch.where(cand.any(1), torch.where(best < tau, arg, T), -1)
+    best, slot = dist.min(1)                                                # (R,)
+    has = cand.any(1)
+    base = torch.where(has[:, None], vn[row[br, slot]].to(tgt.dtype), 0.0)   # (R, D)
+    return torch.where(has, slot, -1), base, has & (best < tau)
 
 
 # -----------------------------------------------------------------------------
@@ -480,8 +492,10 @@ class SETOKIM(nn.Module):
             self.diff_head = DiffusionHead(D, C, cfg.diff_width, cfg.diff_depth, cfg.diff_mean)
         else:                                # ... or regressed
             self.out_proj = MLP(C, C, D)
-        if cfg.copy_head:                    # pointing at an input token: query, keys, and "write a new one"
-            self.copy_q, self.copy_k, self.copy_new = Linear(C, C), Linear(C, C), Linear(C, 1)
+        if cfg.copy_head:                    # pointing at an input token: query, keys; the pointed token
+            # (no key bias: it would add the same score to every slot, which the softmax ignores)
+            self.copy_q, self.copy_k, self.copy_in, self.copy_keep = Linear(C, C), Linear(C, C, bias=False), Linear(D, C), Linear(C, 1)
+            nn.init.zeros_(self.copy_in.weight)   # into the head's condition; then keep it, or change it
         self.mask_decoder = MaskDecoder(D, C, cfg.mask_dim, cfg.mask_depth, cfg.mask_n_head, cfg.grid,
                                         cfg.image_size, cfg.mask_refine)
         # SeTok's tokens are standardised per channel (statistics of the training images, set once by
@@ -507,18 +521,17 @@ class SETOKIM(nn.Module):
 
     def copy_scores(self, h, hr, cands):
         """h (B,T,C) hidden states, hr (R,C) those of the written positions, cands (copy_candidates) ->
-        (R, T+1) logits: one per candidate slot (-inf elsewhere), then "new"."""
+        (R, T) pointer logits: one per candidate slot, -inf elsewhere."""
         br, _, cand = cands
         r, j = cand.nonzero(as_tuple=True)
         s = (self.copy_q(hr)[r] * self.copy_k(h[br[r], j])).sum(-1) / math.sqrt(h.shape[-1])     # (P,)
-        logits = torch.full(cand.shape, float('-inf'), device=h.device).index_put((r, j), s.float())
-        return torch.cat([logits, self.copy_new(hr).float()], 1)
+        return torch.full(cand.shape, float('-inf'), device=h.device).index_put((r, j), s.float())
 
     def forward(self, b, norm=None, ce_weight=1.0, reg_weight=1.0, mask_weight=1.0, cos_weight=1.0, dice_weight=1.0,
                 draws=4, cond_drop=0.1, copy_weight=1.0, copy_tau=0.1, generator=None):
         """b: a batch from collate. norm: (n_ce, n_reg, n_seg) the counts each loss SUM is divided by
         (default: this batch's own, i.e. plain means; train_setokim.py passes the global batch's).
-        draws, cond_drop, generator: the diffusion loss's (DiffusionHead.loss); copy_tau: the copy head's
+        draws, cond_drop, generator: the diffusion loss's (DiffusionHead.loss); copy_tau: the keep gate's
         target (copy_targets). Returns (loss, stats): the sums and counts of each term, detached."""
         h = self.hidden(b)                                                  # (B, T, C)
         # 1) text CE on answer tokens only; the LM head runs only where there is a target
@@ -526,16 +539,23 @@ class SETOKIM(nn.Module):
         ce = F.cross_entropy(self.gpt.lm_head(h[tm]).float(), b['targets'][tm], reduction='sum')
         # 2) writing: hidden at t -> the written visual token at t+1, in normalised space
         hr, tgt = h[b['reg_mask']], self.normalize(b['reg_target'])        # (R, C), (R, D)
+        if self.cfg.copy_head:                                              # edits: point, then keep or change
+            cands = copy_candidates(b)
+            logits = self.copy_scores(h, hr, cands)                         # (R, T)
+            slot, base, keep = copy_targets(b, self.normalize(b['vis']), tgt, cands, copy_tau)
+            has = slot >= 0                                                 # (R,) an edit's token
+            hr = hr + self.copy_in(base.to(hr.dtype))                       # the condition knows the pointed token
+            tgt = tgt - base                                                # the head writes the change
+            logits = torch.where(has[:, None], logits, 0.0)                # finite where there is nothing to point at
+            copy = (F.cross_entropy(logits, slot.clamp_min(0), reduction='none') +
+                    F.binary_cross_entropy_with_logits(self.copy_keep(hr)[:, 0].float(), keep.float(), reduction='none'))
         if self.cfg.gen_head == 'diffusion':
             per = self.diff_head.loss(tgt, hr, draws, cond_drop, generator)     # (R,)
         else:
             pred = self.out_proj(hr).float()                                # (R, D)
             per = (pred - tgt).pow(2).mean(-1) + cos_weight * (1 - F.cosine_similarity(pred, tgt, dim=-1))
         if self.cfg.copy_head:
-            cands = copy_candidates(b)
-            logits, label = self.copy_scores(h, hr, cands), copy_targets(b, self.normalize(b['vis']), tgt, cands, copy_tau)
-            per = per + copy_weight * torch.where(label >= 0, F.cross_entropy(logits.float(), label.clamp_min(0),
-                                                                               reduction='none'), 0.0)
+            per = per + copy_weight * torch.where(has, copy, 0.0)
         reg = per.sum()
         # 3) referring masks, from the [SEG] hidden state and the input image's tokens
         S = len(b['seg_rows'])
@@ -561,10 +581,10 @@ class SETOKIM(nn.Module):
         """Continue LEFT-padded prompts b (collate(..., prompt_extra=...)) for up to max_new_tokens.
         Text steps sample any id but VIS; after [Img] every step is either another visual token or
         [/Img]: the LM head decides, restricted to {VIS, [/Img]}, with at least 1 and at most
-        max_image_tokens tokens. A visual token is the copy head's pick among the prompt's visual
-        tokens, or a new one: sampled by the diffusion head (img_temperature, diff_steps, cfg_scale;
-        generator: a torch.Generator for reproducible images) or regressed (gen_head='mse'); it is fed
-        back through in_proj. A prompt that ends in [Img] starts writing an image at once. Rows stop at
+        max_image_tokens tokens. A visual token is sampled by the diffusion head (img_temperature,
+        diff_steps, cfg_scale; generator: a torch.Generator for reproducible images) or regressed
+        (gen_head='mse'); when the prompt holds an image, it is the copy head's pick among that image's
+        tokens, kept or plus that sampled change (section 4b). It is fed back through in_proj. A prompt that ends in [Img] starts writing an image at once. Rows stop at
         [eos] (then pad). Returns ids (B, S) (VIS at visual tokens) and vis (B, S, D): the SeTok-space
         token at every step where ids == VIS (zeros elsewhere). use_cache=False recomputes the whole
         sequence each step (the reference the KV cache is tested against)."""
@@ -579,6 +599,7 @@ class SETOKIM(nn.Module):
         if c.copy_head:                                                     # what a written token may copy
             keys = self.copy_k(hp)                                          # (B, Tp, C)
             src = hp.new_zeros(B, Tp, c.token_dim).index_put((b['vis_mask'],), self.normalize(b['vis']).to(hp.dtype))
+            has = b['vis_mask'].any(1)[:, None]                             # (B, 1) an edit: there is a source
         in_img = b['idx'][:, -1] == c.img_id                                # (B,) inside an image
         n_vis = torch.zeros(B, dtype=torch.long, device=x.device)           # tokens of the current image
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
@@ -595,16 +616,18 @@ class SETOKIM(nn.Module):
             e = self.gpt.wte(nxt)                                           # (B, C)
             v = torch.zeros(B, c.token_dim, device=x.device)                # (B, D) normalised space
             if bool(is_vis.any()):
-                if c.gen_head == 'diffusion':
-                    v = self.diff_head.sample(h, diff_steps, img_temperature, cfg_scale, generator)
-                else:
-                    v = self.out_proj(h).float()
-                if c.copy_head:                                             # the pointer: a slot, or Tp = new
+                hc, base, keep = h, 0.0, torch.zeros(B, 1, dtype=torch.bool, device=x.device)
+                if c.copy_head:                                             # the pointer picks a source token
                     score = torch.einsum('bc,btc->bt', self.copy_q(h), keys).float() / math.sqrt(h.shape[-1])
-                    score = score.masked_fill(~b['vis_mask'], float('-inf'))
-                    pick = torch.cat([score, self.copy_new(h).float()], 1).argmax(1)              # (B,)
-                    copied = src[torch.arange(B, device=x.device), pick.clamp(max=Tp - 1)].float()
-                    v = torch.where((pick < Tp)[:, None], copied, v)
+                    pick = score.masked_fill(~b['vis_mask'], float('-inf')).argmax(1)                # (B,)
+                    base = torch.where(has, src[torch.arange(B, device=x.device), pick].float(), 0.0)  # (B, D)
+                    hc = h + self.copy_in(base.to(h.dtype))
+                    keep = has & (self.copy_keep(hc) > 0)                   # (B, 1) kept exactly, or changed
+                if c.gen_head == 'diffusion':
+                    v = self.diff_head.sample(hc, diff_steps, img_temperature, cfg_scale, generator)
+                else:
+                    v = self.out_proj(hc).float()
+                v = torch.where(keep, base, base + v)
                 e = torch.where(is_vis[:, None], self.in_proj(v.to(x.dtype)).to(e.dtype), e)
             ids.append(nxt)
             vis.append(torch.where(is_vis[:, None], self.denormalize(v), 0.0))

@@ -38,7 +38,7 @@ from data.world import (ImageError, load_image, load_image_with_map, load_instru
 TASKS = ('caption', 'vqa', 'refer', 't2i', 'edit')
 KINDS = ('count', 'attribute', 'existence', 'relation')   # the VQA question kinds
 STREAM_TASKS = TASKS + ('chat',)  # data_dirs may also hold LLaVA's multi-turn chats (a loss on every gpt turn)
-CACHE_VERSION = 1                 # bump when what the cache holds changes
+CACHE_VERSION = 2                 # bump when what the cache holds changes
 
 # -----------------------------------------------------------------------------
 # SeTok's tokens of every image, once

@@ -37,8 +37,10 @@ def test_edit_scores_see_success_and_preservation():
         target, _ = edit_target(source, edit, 64)
         done, untouched = judge(torch.from_numpy(np.stack([arrays['edit'], arrays['image']])))
         assert sorted(map(key, done)) == sorted(map(key, target))         # edit_target is what was drawn
-        assert score_edit(done, source, edit, 64) == {'success': 1, 'preserved': 1, 'n': 1}
-        assert score_edit(untouched, source, edit, 64) == {'success': 0, 'preserved': 1, 'n': 1}   # the copied source
+        op = edit['op']
+        assert score_edit(done, source, edit, 64) == {'success': 1, 'preserved': 1, 'n': 1, f'{op}_n': 1, f'{op}_success': 1}
+        assert score_edit(untouched, source, edit, 64) == {'success': 0, 'preserved': 1, 'n': 1, f'{op}_n': 1,
+                                                           f'{op}_success': 0}                 # the copied source
         others = len(target) - (edit['op'] != 'remove')
         assert score_edit([], source, edit, 64)['preserved'] == int(others == 0)    # an empty image keeps nothing
         seen.add(edit['op'])

@@ -14,7 +14,8 @@ from conftest import run_script
 
 from data.batch import Bank, collate, encode_conversation, loss_counts, pack
 from data.text import TextTokenizer
-from setokim import SETOKIM, GPTConfig, MaskDecoder, mask_loss, reading_order, tokens_to_patches, visual_tokens
+from setokim import (SETOKIM, GPTConfig, MaskDecoder, copy_candidates, copy_targets, mask_loss, reading_order,
+                     tokens_to_patches, visual_tokens)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SETOK = ['image_size=32', 'patch_size=4', 'dim=32', 'depth=1', 'n_head=4', 'token_dim=32', 'intra_depth=1',
@@ -230,10 +231,10 @@ class Scripted(nn.Module):
         return logits
 
 
-def prompts(tok, bank, cfg, rows):
-    P = packed(tok, bank, cfg.vis_id)
+def prompts(tok, bank, cfg, rows, convs=CONVS):
+    P = packed(tok, bank, cfg.vis_id, convs)
     rows = torch.as_tensor(rows)
-    extra = torch.tensor([int(CONVS[r][0][1]['value'] == '<image>') for r in rows.tolist()])
+    extra = torch.tensor([int(convs[r][0][1]['value'] == '<image>') for r in rows.tolist()])
     return collate(P, bank, rows, tok, prompt_extra=extra)                # t2i / edit prompts end in [Img]
 
 
@@ -311,6 +312,43 @@ def test_a_trained_model_writes_its_image_and_stops(tok):
     assert tok.decode(ids[0].tolist()) == '2'
 
 
+def test_an_edit_keeps_the_tokens_it_does_not_touch_and_changes_the_one_it_does(tok):
+    """An edit's target is its source with the middle token changed. The copy head's targets point every
+    written token at its source token and keep all but the changed one (copy_targets); after a short
+    overfit, generation writes the kept tokens as exact copies and the changed one near its target."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    src = torch.randn(3, 8, generator=g)
+    tgt = src.clone()
+    tgt[1] += 1.5 * torch.randn(8, generator=g)                          # the edited object
+    bank = Bank(tokens=torch.cat([src, tgt]).half(), off=torch.tensor([0, 3]), ntok=torch.tensor([3, 3]),
+                labels=torch.zeros(2, 16, dtype=torch.short), instances=torch.zeros(2, 16, 16, dtype=torch.uint8))
+    cfg = tiny_cfg(tok, n_layer=2, n_embd=64, diff_width=64, diff_depth=2)
+    edit = [(CONVS[2][0], 0, 1, 0)]
+    P = packed(tok, bank, cfg.vis_id, edit)
+    b = collate(P, bank, torch.tensor([0]), tok)
+    model = SETOKIM(cfg)
+    src_n, tgt_n = bank.tokens[:3].float(), bank.tokens[3:].float()         # tok_std = 1, tok_mean = 0
+    slot, base, keep = copy_targets(b, b['vis'].float(), tgt_n, copy_candidates(b), tau=0.1)
+    assert torch.equal(base, src_n) and keep.tolist() == [True, False, True]
+    assert torch.equal(b['vis_mask'][0].nonzero()[:3, 0], slot)            # each points at its own source slot
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss, _ = model(b, cond_drop=0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    ids, vis = model.generate(prompts(tok, bank, cfg, [0], edit), max_new_tokens=6, img_temperature=0.0, diff_steps=10,
+                              generator=gen)
+    assert ids[0].tolist() == [cfg.vis_id] * 3 + [tok.img_end, tok.eos]
+    written = vis[0, :3].float()
+    assert torch.equal(written[[0, 2]], src_n[[0, 2]])                   # kept: the source's tokens, exactly
+    assert not torch.equal(written[1], src_n[1])
+    assert (written[1] - tgt_n[1]).norm() < 0.3 * (src_n[1] - tgt_n[1]).norm()   # changed: near the edit's token
+
+
 # -----------------------------------------------------------------------------
 # the mask decoder and SeTok's labels
 
@@ -344,15 +382,21 @@ def test_reading_order_keeps_every_patch_on_its_token():
     assert torch.equal(m2, mask)
     per_patch = lambda t, l: t.gather(1, l[..., None].expand(-1, -1, D))
     assert torch.equal(per_patch(t2, l2), per_patch(tokens, labels))      # patch n keeps its token
-    # reading order: band by band (top to bottom), left to right inside a band
+    # reading order: the ground (a token with more than half of the patches) first, then band by band
+    # (top to bottom), left to right inside a band
     ys, xs = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
+    labels[0] = torch.where(torch.arange(grid * grid) < 20, 2, labels[0] % 2 * 3)   # image 0: token 2 holds 20 of 36
+    t2, m2, l2 = reading_order(tokens, mask, labels, grid)
     for b in range(B):
         keys = []
         for k in range(int(ntok[b])):
             sel = l2[b] == k
+            if not sel.any():
+                continue
             cy, cx = ys[sel].float().mean(), xs[sel].float().mean()
-            keys.append((min(2, int(cy * 3 / grid)), cx.item()))
+            keys.append((-1, 0) if 2 * int(sel.sum()) > grid * grid else (min(2, int(cy * 3 / grid)), cx.item()))
         assert keys == sorted(keys)
+    assert (l2[0] == 0).sum() == 20 and (l2[1] == 0).sum() < 18                 # the ground is token 0 of image 0 only
     # a grid tokenizer's raster order is left as it is
     from setok import grid_labels
     gl = grid_labels(1, grid, 3)

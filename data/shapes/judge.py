@@ -35,6 +35,7 @@ from data.shapes.prepare import COLORS, POSITIONS, SHAPES, SIZES, cell, shape_ma
 from data.world import load_png, read_jsonl, resolve_world  # noqa: E402
 
 TAU = 75.0         # RGB distance (0..255 units) under which a pixel has an object colour
+EDIT_OPS = ('recolor', 'remove', 'move')
 MIN_AREA = 24      # pixels; the smallest object (a small star at 64 px) has about 70
 WIN = 32           # the template window (pixels): holds the largest shape at 64 px with room to shift
 _PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32)          # (8, 3)
@@ -166,7 +167,8 @@ def score_edit(pred, source, edit, image_size):
     """One edit: the judge's objects `pred` of the written image, the source's objects and the edit ->
     success: the edited object is as asked (recoloured; gone; or nearer its new centre than half the
     move, with its size, colour and shape); preserved: every other object is still there, unchanged,
-    and nothing else was added (the edited object, old or new, is success's business)."""
+    and nothing else was added (the edited object, old or new, is success's business); and success
+    counted apart for the edit's op (recolor_n, recolor_success, ...)."""
     target, i = edit_target(source, edit, image_size)
     have = Counter(map(key, pred))
     others = Counter(key(o) for j, o in enumerate(target) if j != i)
@@ -180,16 +182,20 @@ def score_edit(pred, source, edit, image_size):
     else:
         ok = have[key(target[i])] > others[key(target[i])]
     edited = Counter([key(source[edit['object'] - 1])] + ([key(target[i])] if i is not None else []))
-    return {'n': 1, 'success': int(ok), 'preserved': int(not others - have and not have - others - edited)}
+    op = edit['op']
+    return {'n': 1, 'success': int(ok), 'preserved': int(not others - have and not have - others - edited),
+            f'{op}_n': 1, f'{op}_success': int(ok)}
 
 
 def rates(c):
     """Summed score_t2i or score_edit counts -> the rates eval reports: t2i: exact (share of prompts
     exactly right), recall and precision of objects, count (share with as many objects as asked),
-    binding (colour on the right shape) and position (colour, shape and cell); edit: success, preserved."""
+    binding (colour on the right shape) and position (colour, shape and cell); edit: success, preserved,
+    and success per op (recolor, remove, move)."""
     n = max(1, c['n'])
     if 'success' in c:
-        return {'success': c['success'] / n, 'preserved': c['preserved'] / n}
+        return {'success': c['success'] / n, 'preserved': c['preserved'] / n,
+                **{op: c[f'{op}_success'] / c[f'{op}_n'] for op in EDIT_OPS if c[f'{op}_n']}}
     return {'exact': c['exact'] / n, 'recall': c['matched'] / max(1, c['n_true']), 'precision': c['matched'] / max(1, c['n_pred']),
             'count': c['count_ok'] / n, 'binding': c['bound'] / max(1, c['n_true']), 'position': c['placed'] / max(1, c['n_true'])}
 
