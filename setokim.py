@@ -427,7 +427,7 @@ def alpha_sigma(t):
 # So in an edit every written token starts from a token of the input image (a pointer network,
 # Vinyals et al. 2015): the hidden state at the written position scores every input visual slot of
 # the same conversation (a query-key dot product), and the token written is
-#     the pointed token b, exactly,           when the KEEP gate says so (a logit of the hidden state)
+#     the pointed token b, exactly,           when the KEEP gate says so (a logit of h + copy_in(b))
 #     b + the sampled change x_0,              otherwise: the writing head (diffusion or mse) writes
 #                                             x_0 = token - b, conditioned on h + copy_in(b)
 # Targets: the pointer's is the input token nearest the true one (mean squared difference per
