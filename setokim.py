@@ -494,7 +494,8 @@ class SETOKIM(nn.Module):
             self.out_proj = MLP(C, C, D)
         if cfg.copy_head:                    # pointing at an input token: query, keys; the pointed token
             # (no key bias: it would add the same score to every slot, which the softmax ignores)
-            self.copy_q, self.copy_k, self.copy_in, self.copy_keep = Linear(C, C), Linear(C, C, bias=False), Linear(D, C), Linear(C, 1)
+            self.copy_q, self.copy_k = Linear(C, C), Linear(C, C, bias=False)
+            self.copy_in, self.copy_keep = Linear(D, C), Linear(C, 1)
             nn.init.zeros_(self.copy_in.weight)   # into the head's condition; then keep it, or change it
         self.mask_decoder = MaskDecoder(D, C, cfg.mask_dim, cfg.mask_depth, cfg.mask_n_head, cfg.grid,
                                         cfg.image_size, cfg.mask_refine)
@@ -553,7 +554,8 @@ class SETOKIM(nn.Module):
             per = self.diff_head.loss(tgt, hr, draws, cond_drop, generator)     # (R,)
         else:
             pred = self.out_proj(hr).float()                                # (R, D)
-            per = (pred - tgt).pow(2).mean(-1) + cos_weight * (1 - F.cosine_similarity(pred, tgt, dim=-1))
+            cos = 1 - F.cosine_similarity(pred, tgt, dim=-1)                # no direction to a kept token's zero change
+            per = (pred - tgt).pow(2).mean(-1) + cos_weight * (torch.where(keep, 0.0, cos) if self.cfg.copy_head else cos)
         if self.cfg.copy_head:
             per = per + copy_weight * torch.where(has, copy, 0.0)
         reg = per.sum()
@@ -584,9 +586,10 @@ class SETOKIM(nn.Module):
         max_image_tokens tokens. A visual token is sampled by the diffusion head (img_temperature,
         diff_steps, cfg_scale; generator: a torch.Generator for reproducible images) or regressed
         (gen_head='mse'); when the prompt holds an image, it is the copy head's pick among that image's
-        tokens, kept or plus that sampled change (section 4b). It is fed back through in_proj. A prompt that ends in [Img] starts writing an image at once. Rows stop at
-        [eos] (then pad). Returns ids (B, S) (VIS at visual tokens) and vis (B, S, D): the SeTok-space
-        token at every step where ids == VIS (zeros elsewhere). use_cache=False recomputes the whole
+        tokens, kept or plus that sampled change (section 4b). It is fed back through in_proj. A
+        prompt that ends in [Img] starts writing an image at once. Rows stop at [eos] (then pad).
+        Returns ids (B, S) (VIS at visual tokens) and vis (B, S, D): the SeTok-space token at every
+        step where ids == VIS (zeros elsewhere). use_cache=False recomputes the whole
         sequence each step (the reference the KV cache is tested against)."""
         c = self.cfg
         x, real = self.embed(b['idx'], b['vis_mask'], b['vis']), b['real']

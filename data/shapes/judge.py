@@ -195,7 +195,7 @@ def rates(c):
     n = max(1, c['n'])
     if 'success' in c:
         return {'success': c['success'] / n, 'preserved': c['preserved'] / n,
-                **{op: c[f'{op}_success'] / c[f'{op}_n'] for op in EDIT_OPS if c[f'{op}_n']}}
+                **{op: c[f'{op}_success'] / c[f'{op}_n'] for op in EDIT_OPS if c.get(f'{op}_n')}}
     return {'exact': c['exact'] / n, 'recall': c['matched'] / max(1, c['n_true']), 'precision': c['matched'] / max(1, c['n_pred']),
             'count': c['count_ok'] / n, 'binding': c['bound'] / max(1, c['n_true']), 'position': c['placed'] / max(1, c['n_true'])}
 
