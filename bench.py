@@ -8,7 +8,7 @@ models at a preset's shapes. Prints one markdown table.
     python bench.py device=cuda                       # the GPU rows (bf16 autocast, MFU)
     python bench.py compile=True                      # also torch.compile the batched tokenization
     python bench.py rows=smoke config=full            # both models at config/full.py's shapes: parameters, one step
-    python bench.py rows=smoke config=full device=cuda text_tokenizer=gpt2 init_from=pretrained/gpt2 \
+    python bench.py rows=smoke config=full device=cuda text_tokenizer=gpt2 init_from=pretrained/gpt2 pos_emb=learned \
         vit_init=pretrained/siglip freeze_encoder=True    # ... as the paper builds them, memory at the real batch
 
 Machines here are shared and noisy, so every speed figure is either a ratio of two things timed in
@@ -73,7 +73,7 @@ from data.text import TextTokenizer
 from detok import DetokConfig, Tokenizer
 from pretrained import gpt2_shape, init_gpt2, init_vit, pretrained_config, vit_shape
 from setok import MLP, SeTok, SeTokConfig, TokenMerger, ViT, density_peak_cluster, pos_embed_2d
-from setokim import SETOKIM, GPTConfig
+from setokim import POS_EMBS, SETOKIM, GPTConfig
 
 # -----------------------------------------------------------------------------
 # settings
@@ -128,6 +128,7 @@ llm_n_layer = 4
 llm_n_head = 4
 llm_n_embd = 192
 block_size = 640
+pos_emb = 'rope2d'                # rope2d | learned (GPT-2's table; what init_from=GPT-2 needs) | learned+rope2d
 mask_dim = 128
 mask_depth = 2
 mask_n_head = 4
@@ -609,6 +610,10 @@ def smoke_settings():
     gpt2 = '' if init_from == 'scratch' else init_from
     if gpt2 and text_tokenizer != 'gpt2':
         die(f"init_from={init_from}: GPT-2's weights only know GPT-2's BPE ids; add text_tokenizer=gpt2")
+    if pos_emb not in POS_EMBS:
+        die(f"pos_emb={pos_emb}: expected {', '.join(POS_EMBS)}")
+    if gpt2 and pos_emb != 'learned':
+        die(f"init_from={init_from}: GPT-2's positions are a learned table; add pos_emb=learned")
     shape = gpt2_shape(pretrained_config(gpt2)) if gpt2 else {'n_layer': llm_n_layer, 'n_head': llm_n_head,
                                                                 'n_embd': llm_n_embd}
     return s, vit, gpt2, shape
@@ -675,7 +680,7 @@ def smoke_setokim(s, gpt2, shape, dev, ctx):
     shape (token width, patch grid, tokens per image) comes from the settings."""
     tok = SmokeText(SMOKE_TEXT_VOCAB[text_tokenizer])
     grid = s['image_size'] // s['patch_size']
-    gcfg = GPTConfig.for_tokenizer(tok, block_size=block_size, **shape, token_dim=s['token_dim'], grid=grid,
+    gcfg = GPTConfig.for_tokenizer(tok, block_size=block_size, pos_emb=pos_emb, **shape, token_dim=s['token_dim'], grid=grid,
                                    image_size=s['image_size'], mask_dim=mask_dim, mask_depth=mask_depth,
                                    mask_n_head=mask_n_head, mask_refine=mask_refine, gen_head=gen_head,
                                    diff_width=diff_width, diff_depth=diff_depth, diff_mean=diff_mean,

@@ -215,7 +215,10 @@ def load_setokim(path, device='cpu', ck=None):
     """-> (model, text tokenizer, setok, detok, checkpoint dict), models in eval mode: a SETOKIM and
     the frozen SeTok + detokenizer it was trained with (the same tokenizer override)."""
     ck = ck or load_checkpoint(path, kind='setokim', what='SETOKIM checkpoint')
-    model = SETOKIM(GPTConfig(**_config(GPTConfig, ck.get('gpt_config'), path, 'gpt_config')))
+    saved = ck.get('gpt_config')
+    if isinstance(saved, dict) and 'pos_emb' not in saved:      # written before rope2d: learned positions
+        saved = {**saved, 'pos_emb': 'learned'}
+    model = SETOKIM(GPTConfig(**_config(GPTConfig, saved, path, 'gpt_config')))
     load_weights(model, ck.get('model', {}), path)
     setok_path = setok_ckpt_of(ck, path)
     tok = TextTokenizer(ck['text_tokenizer'])

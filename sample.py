@@ -69,6 +69,7 @@ from data.batch import encode_conversation
 from data.world import IMAGE_EXTS, ImageError
 from data.world import load_image as load_image_uint8
 from detok import psnr
+from setok import cluster_centroids
 from setokim import reading_order, sampling_error, visual_tokens
 
 # -----------------------------------------------------------------------------
@@ -299,8 +300,8 @@ class Conversation:
         return reading_order(tokens[None], token_mask[None], labels[None].long(), self.setok.grid)
 
     def prompt(self, text, image=None, extra=()):
-        """text: the user's turn; image: (tokens (1,K,D), token_mask (1,K)) in reading order or None;
-        extra: ids forced after [ASSISTANT] ([SEG] to segment, [Img] to write an image)."""
+        """text: the user's turn; image: (tokens (1,K,D), token_mask (1,K), labels (1,N)) in reading order
+        (image_tokens) or None; extra: ids forced after [ASSISTANT] ([SEG] to segment, [Img] to write an image)."""
         k = int(image[1].sum()) if image is not None else 0
         value = f'<image>\n{text}' if image is not None else text
         ids, ref, _, _ = encode_conversation(self.tok, [{'from': 'human', 'value': value}], lambda out: (0, k),
@@ -312,8 +313,10 @@ class Conversation:
                 f"{self.model.cfg.block_size}; shorten it")
         idx = torch.tensor([ids], device=self.dev)
         vis = image[0][image[1]].float() if image is not None else torch.zeros(0, self.model.cfg.token_dim)
+        pos = (cluster_centroids(image[2], self.setok.grid, image[1].shape[1])[0][image[1]] if image is not None
+               else torch.zeros(0, 2))                                      # (k, 2) each token's centroid
         return {'idx': idx, 'real': torch.ones_like(idx, dtype=torch.bool),
-                'vis_mask': torch.tensor([ref], device=self.dev) >= 0, 'vis': vis.to(self.dev)}
+                'vis_mask': torch.tensor([ref], device=self.dev) >= 0, 'vis': vis.to(self.dev), 'vis_pos': pos.to(self.dev)}
 
     def generate(self, b, new_tokens):
         s = self.settings
@@ -337,32 +340,32 @@ class Conversation:
         tokens, token_mask = visual_tokens(ids, vis, self.vis_id, K)
         return detok(tokens, token_mask).float().clamp(0, 1), token_mask.sum(1).tolist()
 
-    def segment(self, text, image, labels):
+    def segment(self, text, image):
         """Mask probabilities (H, W) of the object the text refers to."""
         b = self.prompt(text, image, extra=[self.tok.seg])
-        return torch.sigmoid(self.model.segment(b, image[0], image[1], labels)[0].float())
+        return torch.sigmoid(self.model.segment(b, *image)[0].float())
 
 
 @torch.no_grad()
 def setokim_on_image(conv, detok, f, pre, img, tokens, token_mask, labels, settings, ctx):
     """The SETOKIM modes that take an image: answer (--prompt, or describe), --refer, --edit."""
     sc, out = settings['scale'], settings['out']
-    t, m, lab = conv.image_tokens(tokens, token_mask, labels)
+    image = conv.image_tokens(tokens, token_mask, labels)                   # tokens, token_mask, labels
     with ctx:
         q = sentence(settings['prompt'], end='') if settings['prompt'] else 'Describe the image.'
         if settings['prompt'] or not (settings['refer'] or settings['edit']):
-            print(f"Q: {q}\nA: {conv.answer(q, (t, m))}", flush=True)
+            print(f"Q: {q}\nA: {conv.answer(q, image)}", flush=True)
         if settings['refer']:
             expr = ' '.join(settings['refer'].split()).rstrip('.')
             text = sentence(expr if expr.lower().startswith('segment') else f'Segment {expr}')
-            mask = conv.segment(text, (t, m), lab)
+            mask = conv.segment(text, image)
             if mask.shape[-1] != img.shape[-1]:
                 mask = torch.nn.functional.interpolate(mask[None, None], size=img.shape[-2:], mode='bilinear')[0, 0]
             print(f"{text} -> {100 * float((mask > 0.5).float().mean()):.1f}% of the image", flush=True)
             save_strip([mask_overlay(img, (mask > 0.5).float(), sc)], [text], os.path.join(out, f'{pre}mask.png'))
         if settings['edit']:
             text = sentence(settings['edit'])
-            edited, n = conv.write_image(text, (t, m), detok)
+            edited, n = conv.write_image(text, image, detok)
             save_strip([to_uint8(img, sc)] + [to_uint8(e, sc) for e in edited], ['input'] + [f'{text} ({k} tokens)' for k in n],
                        os.path.join(out, f'{pre}edited.png'))
 

@@ -72,6 +72,15 @@ class Linear(nn.Linear):
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def rotate(x, cos, sin):
+    """Rotary positions (RoPE, Su et al. 2021): x (..., d) is d/2 pairs (x_i, x_{i+d/2}), and pair i is
+    turned by its angle: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos); cos, sin (..., d/2).
+    A query turned by angle a and a key turned by b have the dot product of the unturned pair turned by
+    b - a: attention then sees only relative positions. Computed in float32 (angles of long sequences)."""
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).to(x.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention. mask: bool, broadcastable to (B, heads, Nq, Nk), True = may attend."""
 
@@ -86,12 +95,16 @@ class Attention(nn.Module):
         self.kv = Linear(dim, 2 * dim, bias=False)
         self.proj = Linear(dim, dim)
 
-    def forward(self, x, mask=None, cache=None):
+    def forward(self, x, mask=None, cache=None, rope=None):
         """cache (a dict, used by setokim.py's generation): this layer's keys/values so far; the new
-        ones are appended to it and x attends to all of them (a KV cache)."""
+        ones are appended to it and x attends to all of them (a KV cache).
+        rope: (cos, sin), each (B, 1, Nq, C/h/2), the rotary angles of x's positions (setokim.py's
+        rotary positions): queries and keys are rotated before the keys are cached."""
         B, Nq, C = x.shape
         q = self.q(x).view(B, Nq, self.n_head, C // self.n_head).transpose(1, 2)            # (B, h, Nq, C/h)
         k, v = self.kv(x).view(B, Nq, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
             if 'k' in cache:
                 k, v = torch.cat([cache['k'], k], 2), torch.cat([cache['v'], v], 2)        # (B, h, Nk, C/h)
@@ -133,8 +146,8 @@ class Block(nn.Module):
         self.ln1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, n_head)
         self.ln2, self.mlp = nn.LayerNorm(dim, eps=eps), MLP(dim, mlp_hidden, act=act)
 
-    def forward(self, x, mask=None, cache=None):
-        x = x + self.attn(self.ln1(x), mask=mask, cache=cache)
+    def forward(self, x, mask=None, cache=None, rope=None):
+        x = x + self.attn(self.ln1(x), mask=mask, cache=cache, rope=rope)
         return x + self.mlp(self.ln2(x))
 
     @staticmethod
@@ -377,6 +390,19 @@ def merge_clusters_reference(x, labels, tau=0.6, min_size=0):
 # objects form clusters of their own. Its first blocks stay local and group by object far better
 # (RESULTS.md, 1.2). So SeTokConfig.cluster_layer picks the features the clustering reads; the merger
 # always pools the encoder's output.
+
+
+def cluster_centroids(labels, grid, K):
+    """Where each cluster is: labels (B, N) of a grid x grid patch map -> centroid (B, K, 2), the mean
+    (row, column) of its patches in patch units, and count (B, K), its number of patches (an empty
+    slot: (0, 0) and 0). Sums of small integers, so exact in float32 whatever the order of the sum."""
+    B, N = labels.shape
+    n = torch.arange(N, device=labels.device)
+    rc = torch.stack([n // grid, n % grid], -1).float().expand(B, N, 2)    # (B, N, 2) patch row, column
+    lab = labels.long()
+    count = torch.zeros(B, K, device=labels.device).scatter_add_(1, lab, torch.ones(B, N, device=labels.device))
+    total = torch.zeros(B, K, 2, device=labels.device).scatter_add_(1, lab[..., None].expand(B, N, 2), rc)
+    return total / count.clamp_min(1)[..., None], count                    # (B, K, 2), (B, K)
 
 
 # -----------------------------------------------------------------------------

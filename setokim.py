@@ -28,6 +28,7 @@ the world's special tokens). K, the number of tokens of an image, is that image'
     loss = ce_weight * text CE (answers only)
          + reg_weight * (diffusion loss [or MSE + cos_weight * (1 - cos)] + copy_weight * (pointer CE + keep BCE))
          + mask_weight * (BCE + dice_weight * dice)          each sample uses the terms its data has
+         + (rope2d) pos_head's squared error on every visual token's centroid (where a written token sits)
 
 The ids of the special tokens ([Img], [/Img], [SEG], ...) come from the text tokenizer (data/text.py)
 through GPTConfig. Sections: 1) GPTConfig, GPT  2) sequences: SeTok tokens in reading order, and the
@@ -42,21 +43,73 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from setok import MLP, Block, Linear, pos_embed_2d
+from setok import MLP, Block, Linear, cluster_centroids, pos_embed_2d
 
 # -----------------------------------------------------------------------------
 # 1) The LLM: a nanoGPT-like decoder, from scratch, built from setok.Block.
 #
-# Positions are LEARNED ABSOLUTE embeddings (GPT-2's choice), one row per position up to block_size.
-# Why not RoPE: our sequences are short and have a known maximum, and absolute positions keep the KV
-# cache trivial: a new token's position is just the number of real tokens before it. With left
-# padding (batched generation) positions are counted over real tokens only, so a prompt gets the same
-# positions whether it is padded or not.
+# Positions (GPTConfig.pos_emb, one of POS_EMBS):
+#   'learned'  GPT-2's: a learned absolute embedding per place in the sequence, added to the input. An
+#              image's tokens are K places in reading order, so "is A left of B?" must be answered from
+#              WHAT the tokens are (SeTok's tokens carry their position inside their features).
+#   'rope2d'   rotary positions in 2D for visual tokens (M-RoPE, Qwen2-VL): every position has three
+#              coordinates (t, y, x), and each attention head's d/2 rotation pairs are split in three
+#              sections (rope_freqs), turned by t, y and x. A query and a key then score by their
+#              RELATIVE coordinates only (setok.rotate). Text at place i is (i, i, i): plain 1D RoPE.
+#              A visual token at place i, in an image whose first token is at place s, is
+#              (i, s + row, s + column) of its cluster's centroid (patch units): t keeps the reading
+#              order (the k-th token written knows it is the k-th), y and x lay the image out in the
+#              plane, and "left of" is a difference of x that every head can measure directly.
+#              Written tokens need a position when they are read back: the model
+#              predicts it from the token it wrote (SETOKIM.pos_head, section 5).
+#   'learned+rope2d'  both: the table tells every position its place in the sequence (in its residual
+#              stream, where the heads that write read it), and the rotation compares positions in attention.
+# Either way a position's place is the number of real tokens before it in its conversation, so padding
+# (batched generation, left-padded) and packing change nothing, and the KV cache needs no bookkeeping
+# beyond the place of the newest token (and, for rope2d, the centroid of a visual one).
+
+POS_EMBS = ('rope2d', 'learned', 'learned+rope2d')   # the last: both, the table added and the rotation
+
+
+def rope_freqs(head_dim, base=100.0):
+    """rope2d's rotation pairs of one head: which coordinate each pair turns by (0 = t, 1 = y, 2 = x)
+    and its frequency, both (head_dim // 2,). Three sections (y and x get a third each, t the rest),
+    each geometric from 1 down to 1/base radians per unit: the slowest turns 0.16 rad across the 16
+    patches of an image side, so the centroid differences inside an image stay distinct."""
+    assert head_dim % 2 == 0, f"rotary positions need an even head width, got {head_dim}"
+    n = head_dim // 2 // 3
+    sizes = (head_dim // 2 - 2 * n, n, n)                                  # t, y, x
+    axis = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))    # (d/2,)
+    freqs = torch.cat([base ** (-torch.arange(m) / max(1, m - 1)) for m in sizes])
+    return axis, freqs
+
+
+def rope_angles(coords, axis, freqs):
+    """coords (B, T, 3) float (t, y, x) -> (cos, sin), each (B, 1, T, d/2): pair i turns by coordinate
+    axis[i] times freqs[i]."""
+    ang = (coords[..., axis] * freqs)[:, None]                              # (B, 1, T, d/2)
+    return ang.cos(), ang.sin()
+
+
+def image_offsets(vis_mask, vis_pos):
+    """What rope2d adds to the place i of every position (GPT.forward): vis_mask (B, T) visual slots,
+    vis_pos (M, 2) their centroids (row, column; row-major order over the slots) -> (B, T, 3) float.
+    Text: (0, 0, 0), so (i, i, i). The k-th token of an image (k = 0, 1, ..): (0, row - k, column - k),
+    so (i, s + row, s + column) with s = i - k the place of its image's first token."""
+    B, T = vis_mask.shape
+    j = torch.arange(T, device=vis_mask.device).expand(B, T)
+    first = vis_mask & ~F.pad(vis_mask[:, :-1], (1, 0), value=False)       # (B, T) an image's first token
+    k = (j - torch.where(first, j, 0).cummax(1).values).float()            # (B, T) rank inside its image
+    yx = torch.zeros(B, T, 2, device=vis_mask.device).index_put((vis_mask,), vis_pos.float())
+    off = F.pad(yx - k[..., None], (1, 0))                                  # (B, T, 3)
+    return torch.where(vis_mask[..., None], off, 0.0)
+
 
 @dataclass
 class GPTConfig:
     vocab_size: int = 257      # text vocabulary + 1: the last row is VIS ("a visual token follows")
     block_size: int = 256      # the longest sequence (rows of the position table)
+    pos_emb: str = 'rope2d'    # one of POS_EMBS (section 1)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 192          # C
@@ -83,6 +136,14 @@ class GPTConfig:
     pad_id: int = -1
 
     @property
+    def rope(self):
+        return 'rope2d' in self.pos_emb
+
+    @property
+    def learned_pos(self):
+        return 'learned' in self.pos_emb
+
+    @property
     def vis_id(self):
         return self.vocab_size - 1
 
@@ -98,8 +159,14 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
+        assert cfg.pos_emb in POS_EMBS, f"GPTConfig: pos_emb={cfg.pos_emb!r}, expected one of {', '.join(POS_EMBS)}"
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.learned_pos:
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.rope:
+            axis, freqs = rope_freqs(cfg.n_embd // cfg.n_head)
+            self.register_buffer('rope_axis', axis, persistent=False)
+            self.register_buffer('rope_freqs', freqs, persistent=False)
         self.blocks = nn.ModuleList([Block(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -114,7 +181,7 @@ class GPT(nn.Module):
             if name.endswith('attn.proj.weight') or name.endswith('mlp.out.weight'):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
 
-    def forward(self, x, real, caches=None, doc=None):
+    def forward(self, x, real, caches=None, doc=None, offsets=None):
         """x (B, T, C): input embeddings of the T newest positions (text ids embedded, visual tokens
         scattered in: SETOKIM.embed). real (B, Ta) bool over ALL positions so far, cached ones first
         (Ta = T without a cache): True for real tokens, False for padding.
@@ -122,6 +189,7 @@ class GPT(nn.Module):
         doc (B, T) long, training batches only (collate; no cache): which conversation each position
         belongs to (-1: padding). A position then sees only its own conversation, and positions count
         from each conversation's first token, so several conversations may share a row (pack_rows).
+        offsets (B, T, 3): rope2d's coordinates minus the place (image_offsets); None: text only.
         Returns the final hidden states (B, T, C) (after ln_f; lm_head turns them into logits)."""
         B, T, _ = x.shape
         Ta = real.shape[1]
@@ -138,14 +206,19 @@ class GPT(nn.Module):
             mask = (kj <= qi) & (doc[:, None, :] == doc[:, :, None])        # (B, T, T) causal, same conversation
         if Ta > self.cfg.block_size:       # (only then can a position overflow; no device sync otherwise)
             assert int(pos.max()) < self.cfg.block_size, f"sequence longer than block_size={self.cfg.block_size}"
-        x = x + self.wpe(pos)
+        rope = None
+        if self.cfg.learned_pos:
+            x = x + self.wpe(pos)
+        if self.cfg.rope:
+            coords = pos[..., None].float() + (0.0 if offsets is None else offsets)     # (B, T, 3) t, y, x
+            rope = rope_angles(coords, self.rope_axis, self.rope_freqs)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, mask=mask[:, None], cache=None if caches is None else caches[i])
+            x = blk(x, mask=mask[:, None], cache=None if caches is None else caches[i], rope=rope)
         return self.ln_f(x)                                                 # (B, T, C)
 
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and self.cfg.learned_pos else n
 
     def estimate_mfu(self, tokens_per_sec, seq_len, peak_flops=312e12):
         """Model flops utilisation (nanoGPT's estimate, from the PaLM paper's appendix B): 6N flops per
@@ -174,12 +247,8 @@ def reading_order(tokens, token_mask, labels, grid, bands=3):
     """tokens (B,K,D), token_mask (B,K), labels (B,N) -> the same three, tokens permuted per image
     into reading order (padding slots stay last) and labels renumbered to match."""
     B, K, D = tokens.shape
-    n = torch.arange(grid * grid, device=tokens.device)
-    ys, xs = (n // grid).float(), (n % grid).float()                        # (N,) patch row / column
-    onehot = F.one_hot(labels.long(), K).float()                            # (B, N, K)
-    count = onehot.sum(1).clamp_min(1)                                      # (B, K) patches per token
-    cy = (onehot * ys[None, :, None]).sum(1) / count                        # (B, K) centroid row
-    cx = (onehot * xs[None, :, None]).sum(1) / count                        # (B, K) centroid column
+    cen, count = cluster_centroids(labels, grid, K)                         # (B, K, 2) row, column; (B, K)
+    cy, cx = cen.unbind(-1)
     band = (cy * bands / grid).floor().clamp(max=bands - 1)
     key = torch.where(2 * count > grid * grid, -1.0, band * grid + cx)     # the ground first
     key = torch.where(token_mask, key, float('inf'))
@@ -497,6 +566,8 @@ class SETOKIM(nn.Module):
             self.copy_q, self.copy_k = Linear(C, C), Linear(C, C, bias=False)
             self.copy_in, self.copy_keep = Linear(D, C), Linear(C, 1)
             nn.init.zeros_(self.copy_in.weight)   # into the head's condition; then keep it, or change it
+        if cfg.rope:                         # D -> 2: where a token sits (its centroid / grid), for the
+            self.pos_head = MLP(D, C, 2)     # tokens SETOKIM writes: they need a 2D position when read back
         self.mask_decoder = MaskDecoder(D, C, cfg.mask_dim, cfg.mask_depth, cfg.mask_n_head, cfg.grid,
                                         cfg.image_size, cfg.mask_refine)
         # SeTok's tokens are standardised per channel (statistics of the training images, set once by
@@ -517,8 +588,18 @@ class SETOKIM(nn.Module):
         v = self.in_proj(self.normalize(vis))                               # (M, C)
         return x.index_put((vis_mask,), v.to(x.dtype))                      # scatter by the mask
 
+    def offsets(self, b):
+        """rope2d: the coordinates of b's positions minus their places (image_offsets), from the
+        centroids of its visual tokens b['vis_pos'] (M, 2); learned positions: None."""
+        return image_offsets(b['vis_mask'], b['vis_pos']) if self.cfg.rope else None
+
+    def written_pos(self, v):
+        """Normalised tokens v (..., D) -> the centroid (row, column) in patch units that pos_head
+        predicts for them: the 2D position of a token SETOKIM wrote (its cluster is unknown)."""
+        return self.pos_head(v).float() * self.cfg.grid
+
     def hidden(self, b, caches=None):
-        return self.gpt(self.embed(b['idx'], b['vis_mask'], b['vis']), b['real'], caches, b.get('doc'))
+        return self.gpt(self.embed(b['idx'], b['vis_mask'], b['vis']), b['real'], caches, b.get('doc'), self.offsets(b))
 
     def copy_scores(self, h, hr, cands):
         """h (B,T,C) hidden states, hr (R,C) those of the written positions, cands (copy_candidates) ->
@@ -530,7 +611,7 @@ class SETOKIM(nn.Module):
 
     def forward(self, b, norm=None, ce_weight=1.0, reg_weight=1.0, mask_weight=1.0, cos_weight=1.0, dice_weight=1.0,
                 draws=4, cond_drop=0.1, copy_weight=1.0, copy_tau=0.1, generator=None):
-        """b: a batch from collate. norm: (n_ce, n_reg, n_seg) the counts each loss SUM is divided by
+        """b: a batch from collate. norm: (n_ce, n_reg, n_seg, n_vis) the counts each loss SUM is divided by
         (default: this batch's own, i.e. plain means; train_setokim.py passes the global batch's).
         draws, cond_drop, generator: the diffusion loss's (DiffusionHead.loss); copy_tau: the keep gate's
         target (copy_targets). Returns (loss, stats): the sums and counts of each term, detached."""
@@ -567,14 +648,19 @@ class SETOKIM(nn.Module):
             msk = mask_loss(pix, b['seg_gt'], dice_weight).sum()
         else:
             msk = h.new_zeros((), dtype=torch.float32)
-        counts = (int(tm.sum()), len(hr), S)
-        n_ce, n_reg, n_seg = norm if norm is not None else (max(1, n) for n in counts)
-        loss = ce_weight * ce / n_ce + reg_weight * reg / n_reg + mask_weight * msk / n_seg
+        # 4) rope2d: where each visual token sits (its centroid, in image sides), for every visual slot
+        pos = h.new_zeros((), dtype=torch.float32)
+        if self.cfg.rope:
+            err = self.pos_head(self.normalize(b['vis'])).float() - b['vis_pos'] / self.cfg.grid   # (M, 2)
+            pos = err.pow(2).sum()
+        counts = (int(tm.sum()), len(hr), S, len(b['vis']))
+        n_ce, n_reg, n_seg, n_vis = norm if norm is not None else (max(1, n) for n in counts)
+        loss = ce_weight * ce / n_ce + reg_weight * reg / n_reg + mask_weight * msk / n_seg + pos / n_vis
         # every parameter takes part in every step, even when a term is absent from this batch (no
         # [SEG], no written image): DDP needs it, and AdamW then treats every step alike
         loss = loss + 0.0 * sum(p.view(-1)[0] for p in self.parameters())
-        stats = {'ce': ce.detach(), 'reg': reg.detach(), 'mask': msk.detach(),
-                 'n_ce': counts[0], 'n_reg': counts[1], 'n_seg': counts[2]}
+        stats = {'ce': ce.detach(), 'reg': reg.detach(), 'mask': msk.detach(), 'pos': pos.detach(),
+                 'n_ce': counts[0], 'n_reg': counts[1], 'n_seg': counts[2], 'n_vis': counts[3]}
         return loss, stats
 
     @torch.no_grad()
@@ -592,12 +678,12 @@ class SETOKIM(nn.Module):
         step where ids == VIS (zeros elsewhere). use_cache=False recomputes the whole
         sequence each step (the reference the KV cache is tested against)."""
         c = self.cfg
-        x, real = self.embed(b['idx'], b['vis_mask'], b['vis']), b['real']
+        x, real, off = self.embed(b['idx'], b['vis_mask'], b['vis']), b['real'], self.offsets(b)
         B, Tp, _ = x.shape
         if max_new_tokens <= 0:
             return b['idx'][:, :0], x.new_zeros(B, 0, c.token_dim)
         caches = [dict() for _ in self.gpt.blocks] if use_cache else None
-        hp = self.gpt(x, real, caches)                                      # (B, Tp, C) the prompt
+        hp = self.gpt(x, real, caches, offsets=off)                         # (B, Tp, C) the prompt
         h = hp[:, -1]                                                       # (B, C) last prompt position
         if c.copy_head:                                                     # what a written token may copy
             keys = self.copy_k(hp)                                          # (B, Tp, C)
@@ -632,6 +718,10 @@ class SETOKIM(nn.Module):
                     v = self.out_proj(hc).float()
                 v = torch.where(keep, base, base + v)
                 e = torch.where(is_vis[:, None], self.in_proj(v.to(x.dtype)).to(e.dtype), e)
+            if off is not None:                                             # rope2d: where the new token sits
+                yx = self.written_pos(v.to(x.dtype)) if bool(is_vis.any()) else v.new_zeros(B, 2)
+                o = F.pad(yx - n_vis[:, None].float(), (1, 0))             # (B, 3): (0, row - k, column - k)
+                o = torch.where(is_vis[:, None], o, 0.0)[:, None]          # (B, 1, 3): text (0, 0, 0)
             ids.append(nxt)
             vis.append(torch.where(is_vis[:, None], self.denormalize(v), 0.0))
             n_vis = torch.where(is_vis, n_vis + 1, 0)
@@ -641,10 +731,11 @@ class SETOKIM(nn.Module):
                 break
             real = F.pad(real, (0, 1), value=True)                          # (B, Ta + 1)
             if use_cache:
-                h = self.gpt(e[:, None], real, caches)[:, -1]
+                h = self.gpt(e[:, None], real, caches, offsets=None if off is None else o)[:, -1]
             else:
                 x = torch.cat([x, e[:, None]], 1)
-                h = self.gpt(x, real)[:, -1]
+                off = None if off is None else torch.cat([off, o], 1)
+                h = self.gpt(x, real, offsets=off)[:, -1]
         return torch.stack(ids, 1), torch.stack(vis, 1)
 
     @torch.no_grad()

@@ -56,7 +56,7 @@ from data.text import TextTokenizer, tiktoken_gpt2
 from data.world import resolve_world, world_settings, world_splits
 from eval_setokim import Eval, evaluate, fmt, stat_vector, stream_losses
 from pretrained import gpt2_shape, init_gpt2, pretrained_config
-from setokim import SETOKIM, GPTConfig, sampling_error, setok_tokens
+from setokim import POS_EMBS, SETOKIM, GPTConfig, sampling_error, setok_tokens
 
 # -----------------------------------------------------------------------------
 # settings
@@ -87,6 +87,8 @@ llm_n_layer = 4
 llm_n_head = 4
 llm_n_embd = 192
 block_size = 640                  # longest sequence; 'patch' tokens (256 per 64px image) need ~560
+pos_emb = 'rope2d'                # rope2d: rotary positions, 2D for visual tokens (setokim.py, section 1) | learned: GPT-2's
+                                  # table | learned+rope2d: both
 # the mask decoder
 mask_dim = 128
 mask_depth = 2
@@ -151,6 +153,8 @@ if stage not in (0, 1, 2):
     die(f"stage={stage}: expected 0 (both), 1 or 2")
 if text_tokenizer not in ('sentencepiece', 'gpt2'):
     die(f"text_tokenizer={text_tokenizer}: expected sentencepiece or gpt2")
+if pos_emb not in POS_EMBS:
+    die(f"pos_emb={pos_emb}: expected {', '.join(POS_EMBS)}")
 if gen_head not in ('diffusion', 'mse'):
     die(f"gen_head={gen_head}: expected diffusion or mse")
 for name, value, ok, want in (('diff_draws', diff_draws, diff_draws >= 1, 'an integer >= 1'),
@@ -171,6 +175,8 @@ if pretrained and not os.path.isdir(pretrained):
         f"--local-dir {gpt2_dir})")
 if pretrained and text_tokenizer != 'gpt2':
     die(f"init_from={init_from}: GPT-2's weights only know GPT-2's BPE ids; add text_tokenizer=gpt2")
+if pretrained and pos_emb != 'learned':
+    die(f"init_from={init_from}: GPT-2's positions are a learned table; add pos_emb=learned")
 llm_shape = (gpt2_shape(pretrained_config(pretrained)) if pretrained else
              {'n_layer': llm_n_layer, 'n_head': llm_n_head, 'n_embd': llm_n_embd})
 
@@ -247,7 +253,7 @@ run = {'processes': world, 'data': [world_settings(d) for d in (stream or [world
        'setok': setok_hash.hexdigest()[:12]}
 
 # ---- the model: its special-token ids come from the text tokenizer, its token statistics from the data
-gcfg = GPTConfig.for_tokenizer(tok, block_size=block_size, **llm_shape, token_dim=setok.cfg.token_dim, grid=setok.grid,
+gcfg = GPTConfig.for_tokenizer(tok, block_size=block_size, pos_emb=pos_emb, **llm_shape, token_dim=setok.cfg.token_dim, grid=setok.grid,
                                image_size=setok.cfg.image_size, mask_dim=mask_dim, mask_depth=mask_depth,
                                mask_n_head=mask_n_head, mask_refine=mask_refine, gen_head=gen_head,
                                diff_width=diff_width, diff_depth=diff_depth, diff_mean=diff_mean, copy_head=copy_head)

@@ -6,16 +6,19 @@ this file builds them, vectorised (no Python loop over positions or conversation
     enc = encode_conversation(tok, turns, image_ref, vis_id)  # one conversation -> lists over positions
     P = pack([enc, ...], img, mask_id, tok.seg)                # a split's conversations, end to end
     b = collate(P, bank, rows, tok, pack_rows=True)            # a training batch: a dict of tensors
-    n_ce, n_reg, n_seg = loss_counts(P, rows)                  # the global batch's loss counts
+    n_ce, n_reg, n_seg, n_vis = loss_counts(P, rows)           # the global batch's loss counts
 
 tok is the text tokenizer (data/text.py): its special-token ids lay out the sequences.
 """
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from setok import cluster_centroids
 
 
 # The token bank: every image's real SeTok tokens, one image after another (ragged, no padding),
@@ -28,6 +31,13 @@ class Bank:
     ntok: torch.Tensor         # (n_img,) long: its number of tokens
     labels: torch.Tensor       # (n_img, N) int16: its patches' token ids (in reading order)
     instances: torch.Tensor    # (n_src, H, W) uint8: instance maps of the source images (refer masks)
+    pos: torch.Tensor = None   # (M, 2) float: each token's centroid (row, column) in patch units, from labels
+
+    def __post_init__(self):
+        if self.pos is None:
+            N, K = self.labels.shape[1], max(1, int(self.ntok.max())) if len(self.ntok) else 1
+            cen, _ = cluster_centroids(self.labels, math.isqrt(N), K)      # (n_img, K, 2)
+            self.pos = cen[torch.arange(K)[None] < self.ntok[:, None]]     # (M, 2) image after image
 
     def padded(self, img, K=None):
         """Images img (b,) -> tokens (b, K, D) float, token_mask (b, K): a gather, no loop."""
@@ -93,6 +103,7 @@ class Packed:
     mask_id: torch.Tensor      # (n,) long: instance id of the referred object, 0 when none
     n_ce: torch.Tensor         # (n,) long: answer tokens to predict (text CE terms)
     n_reg: torch.Tensor        # (n,) long: visual tokens to regress
+    n_vis: torch.Tensor        # (n,) long: visual slots (read and written: the rope2d position head's terms)
     has_seg: torch.Tensor      # (n,) bool: a [SEG] in the answer (mask loss)
 
 
@@ -111,7 +122,7 @@ def pack(encoded, img, mask_id, seg_id):
     first_ans = torch.full((len(encoded),), 1 << 30).scatter_reduce(0, conv, torch.where(ans, pos_in, 1 << 30), 'amin')
     return Packed(ids=ids, ref=ref, ans=ans, out=out, off=off, length=length, prompt_len=first_ans,
                   img=torch.as_tensor(img, dtype=torch.long), mask_id=torch.as_tensor(mask_id, dtype=torch.long),
-                  n_ce=per_conv(ans & ~first), n_reg=per_conv(out), has_seg=per_conv(ans & (ids == seg_id)) > 0)
+                  n_ce=per_conv(ans & ~first), n_reg=per_conv(out), n_vis=per_conv(ref >= 0), has_seg=per_conv(ans & (ids == seg_id)) > 0)
 
 
 def row_slots(length, cap):
@@ -141,6 +152,7 @@ def collate(P, bank, rows, tok, prompt_extra=None, pack_rows=False):
       idx (B',T) ids, pad where padding     real (B',T) bool
       doc (B',T) long: the conversation (0..B-1) of each position, -1 on padding (training batches)
       vis_mask (B',T) visual slots          vis (M, D) their SeTok tokens, in row-major order
+      vis_pos (M, 2) their centroids (row, column) in patch units (rope2d positions)
       targets (B',T) next id where it is an answer token, else -1
       reg_mask (B',T) positions whose NEXT token is a written visual token, reg_target (R, D) that token
       seg_rows (S,), seg_pos (S,) the row and position of each conversation's [SEG] answer,
@@ -167,7 +179,8 @@ def collate(P, bank, rows, tok, prompt_extra=None, pack_rows=False):
     ref = torch.where(real, P.ref[src], -1)
     ans, out = real & P.ans[src], real & P.out[src]
     vis_mask = ref >= 0
-    b = {'idx': idx, 'real': real, 'vis_mask': vis_mask, 'vis': bank.tokens[ref[vis_mask]].float()}
+    b = {'idx': idx, 'real': real, 'vis_mask': vis_mask, 'vis': bank.tokens[ref[vis_mask]].float(),
+         'vis_pos': bank.pos[ref[vis_mask]]}
     if prompt_extra is not None:
         return b
     b['doc'] = doc
@@ -189,8 +202,8 @@ def collate(P, bank, rows, tok, prompt_extra=None, pack_rows=False):
 
 
 def loss_counts(P, rows):
-    """The number of terms of each loss over conversations `rows`: (n_ce, n_reg, n_seg). Every
+    """The number of terms of each loss over conversations `rows`: (n_ce, n_reg, n_seg, n_vis). Every
     process computes them for the GLOBAL batch (the data order is known), so the loss is the same mean
     whatever the batch is split into (processes, micro-steps)."""
     rows = torch.as_tensor(rows, dtype=torch.long)
-    return (int(P.n_ce[rows].sum()), int(P.n_reg[rows].sum()), int(P.has_seg[rows].sum()))
+    return (int(P.n_ce[rows].sum()), int(P.n_reg[rows].sum()), int(P.has_seg[rows].sum()), int(P.n_vis[rows].sum()))

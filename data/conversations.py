@@ -304,7 +304,7 @@ class StreamedBatches:
         self.batches, self.cut = loader.batches() if loader is not None else None, 0   # None: eval only
 
     def to_batch(self, b, dev):
-        """A streamed batch -> (the model's batch, its loss counts (n_ce, n_reg, n_seg), conversations cut)."""
+        """A streamed batch -> (the model's batch, its loss counts (n_ce, n_reg, n_seg, n_vis), conversations cut)."""
         toks, ntok, labels = (torch.zeros(0, self.token_dim), torch.zeros(0, dtype=torch.long),
                               torch.zeros(0, self.grid ** 2, dtype=torch.int16))   # a batch without images
         if len(b['images']):
@@ -317,7 +317,7 @@ class StreamedBatches:
     def __call__(self, step, dev='cpu'):
         got = [self.to_batch(next(self.batches), dev) for _ in range(self.accum)]
         self.cut += sum(c for _, _, c in got)
-        return [b for b, _, _ in got], tuple(sum(n[j] for _, n, _ in got) for j in range(3))
+        return [b for b, _, _ in got], tuple(map(sum, zip(*(n for _, n, _ in got))))
 
     def state_dict(self):
         return self.loader.state_dict()

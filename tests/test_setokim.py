@@ -2,6 +2,7 @@
 [/Img], KV cache == no cache, padding-invariance), the mask decoder and SeTok's labels, and real tiny
 training runs: exact resume, 2-process DDP == 1 process, a clear error without a SeTok checkpoint."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from conftest import run_script
 
 from data.batch import Bank, collate, encode_conversation, loss_counts, pack
 from data.text import TextTokenizer
-from setokim import (SETOKIM, GPTConfig, MaskDecoder, copy_candidates, copy_targets, mask_loss, reading_order,
-                     tokens_to_patches, visual_tokens)
+from setok import rotate
+from setokim import (SETOKIM, GPTConfig, MaskDecoder, copy_candidates, copy_targets, image_offsets, mask_loss,
+                     reading_order, rope_angles, rope_freqs, tokens_to_patches, visual_tokens)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SETOK = ['image_size=32', 'patch_size=4', 'dim=32', 'depth=1', 'n_head=4', 'token_dim=32', 'intra_depth=1',
@@ -135,6 +137,77 @@ def test_visual_tokens_land_exactly_between_img_markers(tok):
     assert row_of_vis == len(b['vis'])
 
 
+def test_rope2d_turns_each_pair_by_its_coordinate_and_images_sit_at_their_centroids(tok):
+    """rope2d, exactly: (1) a visual slot at place i has the coordinates (i, s + row, s + column) of its
+    token's centroid, s the place of its image's first token, and text's are (i, i, i); (2) each rotation
+    pair of a head is turned by its own coordinate times its frequency (a 2 x 2 rotation, looped)."""
+    bank, cfg = tiny_bank(), tiny_cfg(tok)
+    P = packed(tok, bank, cfg.vis_id)
+    b = collate(P, bank, torch.arange(len(CONVS)), tok, pack_rows=True)   # packed: places restart per conversation
+    place = torch.zeros_like(b['doc'])
+    for r in range(len(place)):
+        for t in range(1, place.shape[1]):
+            place[r, t] = 0 if b['doc'][r, t] != b['doc'][r, t - 1] else place[r, t - 1] + 1
+    coords = place[..., None].float() + image_offsets(b['vis_mask'], b['vis_pos'])   # (B, T, 3)
+    m = 0
+    for r in range(len(place)):
+        for t in range(place.shape[1]):
+            i = float(place[r, t])
+            if not b['vis_mask'][r, t]:
+                assert coords[r, t].tolist() == [i, i, i]
+                continue
+            s = t
+            while s > 0 and b['vis_mask'][r, s - 1]:
+                s -= 1
+            s = float(place[r, s])                                        # the image's first place
+            row, col = b['vis_pos'][m].tolist()
+            assert torch.allclose(coords[r, t], torch.tensor([i, s + row, s + col]), atol=1e-5)
+            m += 1
+    assert m == len(b['vis_pos'])
+    # (2) the rotation: head width 12, six pairs, two per coordinate
+    axis, freqs = rope_freqs(12)
+    assert axis.tolist() == [0, 0, 1, 1, 2, 2]
+    c = torch.randn(1, 5, 3) * 7
+    cos, sin = rope_angles(c, axis, freqs)
+    x = torch.randn(1, 1, 5, 12)
+    y = rotate(x, cos, sin)
+    for t in range(5):
+        for i in range(6):
+            a = float(c[0, t, axis[i]] * freqs[i])
+            R = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+            want = R @ torch.stack([x[0, 0, t, i], x[0, 0, t, i + 6]])
+            assert torch.allclose(torch.stack([y[0, 0, t, i], y[0, 0, t, i + 6]]), want, atol=1e-5)
+
+
+def test_rope2d_attention_scores_depend_only_on_relative_positions(tok):
+    """A query and a key scored after rope2d depend only on the difference of their (t, y, x): moving
+    both by the same vector changes nothing. So the scores among an image's tokens do not change when
+    the whole image moves (its centroids shift together), while those between text and the image do;
+    and moving one token alone changes its scores."""
+    torch.manual_seed(0)
+    axis, freqs = rope_freqs(24)
+    q, k = torch.randn(1, 1, 6, 24, dtype=torch.double), torch.randn(1, 1, 6, 24, dtype=torch.double)
+    def scores(c):
+        cos, sin = rope_angles(c.double(), axis, freqs.double())
+        return rotate(q, cos, sin) @ rotate(k, cos, sin).transpose(-1, -2)   # (1, 1, 6, 6)
+    c = torch.randn(1, 6, 3) * 10
+    assert torch.allclose(scores(c), scores(c + torch.tensor([3.0, -5.0, 11.0])), atol=1e-10)
+    # an image of four tokens after two text positions: shift its centroids by (2, -3) patches
+    vis_mask = torch.tensor([[False, False, True, True, True, True]])
+    pos = torch.rand(4, 2) * 15
+    place = torch.arange(6)[None].float()[..., None]
+    a = scores(place + image_offsets(vis_mask, pos))
+    b = scores(place + image_offsets(vis_mask, pos + torch.tensor([2.0, -3.0])))
+    img = vis_mask[0]
+    assert torch.allclose(a[0, 0][img][:, img], b[0, 0][img][:, img], atol=1e-4)     # image <-> image: the same
+    assert not torch.allclose(a[0, 0][~img][:, img], b[0, 0][~img][:, img])          # text -> image: moved
+    one = pos.clone()
+    one[0] += torch.tensor([0.0, 4.0])                                                # one token moves right
+    d = scores(place + image_offsets(vis_mask, one))
+    assert not torch.allclose(a[0, 0, 2, 3:], d[0, 0, 2, 3:])
+    assert torch.allclose(a[0, 0, 3:][:, 3:], d[0, 0, 3:][:, 3:], atol=1e-4)          # the others among themselves
+
+
 def test_loss_masks_cover_only_answers(tok):
     bank = tiny_bank()
     cfg = tiny_cfg(tok)
@@ -164,9 +237,14 @@ def test_loss_masks_cover_only_answers(tok):
     assert b['idx'][3, b['seg_pos'][0]] == tok.seg
     assert torch.equal(b['seg_gt'][0], (bank.instances[3] == 2).float())
     assert torch.equal(b['seg_labels'][0], bank.labels[3].long())
-    assert loss_counts(P, rows) == (int((b['targets'] >= 0).sum()), len(b['reg_target']), 1)
+    # each visual slot's centroid: the mean (row, column) of the patches its image's labels give it
+    cen = [[sum(divmod(n, 4)[a] for n in range(16) if bank.labels[i, n] == k) / max(1, int((bank.labels[i] == k).sum()))
+            for a in (0, 1)] for i in range(len(bank.ntok)) for k in range(int(bank.ntok[i]))]
+    ref = torch.cat([P.ref[P.off[r]:P.off[r] + P.length[r]] for r in rows])     # bank row of every position
+    assert torch.equal(b['vis_pos'], torch.tensor(cen)[ref[ref >= 0]])
+    assert loss_counts(P, rows) == (int((b['targets'] >= 0).sum()), len(b['reg_target']), 1, len(b['vis']))
     _, st = SETOKIM(cfg)(b)
-    assert (st['n_ce'], st['n_reg'], st['n_seg']) == loss_counts(P, rows)
+    assert (st['n_ce'], st['n_reg'], st['n_seg'], st['n_vis']) == loss_counts(P, rows)
 
 
 def test_packed_rows_compute_exactly_what_one_conversation_per_row_does(tok):
@@ -193,9 +271,9 @@ def test_packed_rows_compute_exactly_what_one_conversation_per_row_does(tok):
         grads.append((loss.detach(), st, [p.grad.clone() for p in model.parameters()]))
     (l0, s0, g0), (l1, s1, g1) = grads
     assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6)
-    for k in ('ce', 'reg', 'mask'):
+    for k in ('ce', 'reg', 'mask', 'pos'):
         assert torch.allclose(s0[k], s1[k], rtol=1e-5, atol=1e-5), k
-    assert [s0[k] for k in ('n_ce', 'n_reg', 'n_seg')] == [s1[k] for k in ('n_ce', 'n_reg', 'n_seg')]
+    assert [s0[k] for k in ('n_ce', 'n_reg', 'n_seg', 'n_vis')] == [s1[k] for k in ('n_ce', 'n_reg', 'n_seg', 'n_vis')]
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g0, g1))
     # each conversation's hidden states, found in both batches by its doc id, are the same
     with torch.no_grad():
@@ -258,11 +336,15 @@ def test_generation_stops_at_img_end_and_caps_the_image(tok):
     assert mask.tolist() == [[True, False, False]]
 
 
-@pytest.mark.parametrize('gen_head', ['mse', 'diffusion', 'diffusion+mean'])
-def test_kv_cache_and_padding_do_not_change_generation(tok, gen_head):
+@pytest.mark.parametrize('gen_head,pos_emb', [('mse', 'rope2d'), ('diffusion', 'rope2d'), ('diffusion+mean', 'rope2d'),
+                                              ('mse', 'learned'), ('diffusion+mean', 'learned'),
+                                              ('diffusion+mean', 'learned+rope2d')])
+def test_kv_cache_and_padding_do_not_change_generation(tok, gen_head, pos_emb):
+    """Generation with the KV cache equals recomputing the whole sequence at every step, with either
+    positions: under rope2d every written token's 2D position (pos_head's) goes into the cache with it."""
     torch.manual_seed(0)
     bank = tiny_bank(ntok=(2, 5, 1, 3))
-    cfg = tiny_cfg(tok, gen_head=gen_head.split('+')[0], diff_mean=gen_head.endswith('+mean'))
+    cfg = tiny_cfg(tok, gen_head=gen_head.split('+')[0], diff_mean=gen_head.endswith('+mean'), pos_emb=pos_emb)
     model = SETOKIM(cfg).double().eval()
     model.tok_std.fill_(1.0)
     # lean towards writing visual tokens so that images of several tokens are generated
@@ -308,6 +390,9 @@ def test_a_trained_model_writes_its_image_and_stops(tok):
     assert ids[0].tolist() == [cfg.vis_id] * 3 + [tok.img_end, tok.eos]
     target = bank.tokens[bank.off[1]:bank.off[1] + 3].float()
     assert torch.nn.functional.cosine_similarity(vis[0, :3], target, dim=-1).min() > 0.9
+    # rope2d: the position head puts each written token near its cluster's centroid (patch units)
+    err = (model.written_pos(model.normalize(vis[0, :3])) - bank.pos[bank.off[1]:bank.off[1] + 3]).abs().max()
+    assert err < 0.25
     ids, _ = model.generate(prompts(tok, bank, cfg, [4]), max_new_tokens=5)
     assert tok.decode(ids[0].tolist()) == '2'
 
