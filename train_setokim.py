@@ -119,8 +119,9 @@ llm_grad_accum = 1
 llm_pack_rows = True              # several conversations per row (data.batch.collate): the same loss on fewer padded
                                   # positions. False: one conversation per row, padded to the batch's longest
 llm_learning_rate = 1e-3
-task_repeat = []                  # stage 2's mix, task:n entries: task_repeat=vqa:2,refer:2 puts each VQA and referring
-                                  # conversation into an epoch twice ([]: the world's mix once; data_dirs: use data_weights)
+task_repeat = []                  # stage 2's mix, name:n entries: task_repeat=vqa:2,refer:2 puts each VQA and referring
+                                  # conversation into an epoch twice; a VQA kind too (relation:3, count:2) ([]: the world's
+                                  # mix once; data_dirs: use data_weights)
 stage1_max_iters = 1000
 stage2_max_iters = 3000
 llm_lr_decay_iters = 0            # 0: = the stage's max_iters
@@ -362,7 +363,7 @@ for s in stages:
         batches = StreamedBatches(loader, tokenize, tok, setok.cfg.token_dim, setok.grid, block_size, llm_grad_accum,
                                   llm_pack_rows)
     else:
-        batches = CachedBatches(train, stage_rows(train['task'], STAGE_TASKS[s], repeat if s == 2 else None),
+        batches = CachedBatches(train, stage_rows(train, STAGE_TASKS[s], repeat if s == 2 else None),
                                 llm_batch_size, world, rank, llm_grad_accum, (seed, s), tok, llm_pack_rows)
     # the log: one file for both stages, kept up to the resumed step when resuming
     keep = (lambda r: r.get('stage', 0) < s or (r.get('stage') == s and r['step'] <= step)) if ck or s == 2 else None

@@ -136,22 +136,27 @@ def answer_prior(train_convs, convs):
 
 
 def parse_repeat(items):
-    """train_setokim's task_repeat (['vqa:2', 'refer:2'], or 'vqa:2,refer:2') -> {'vqa': 2, 'refer': 2}."""
+    """train_setokim's task_repeat (['vqa:2', 'relation:3'], or 'vqa:2,relation:3') -> {'vqa': 2, 'relation': 3}.
+    A key is a task (TASKS) or a kind of VQA question (KINDS)."""
     out = {}
     for it in as_list(items):
         task, _, n = it.partition(':')
-        if task not in TASKS or not n.isdigit() or int(n) < 1:
-            die(f"task_repeat: '{it}' is not task:n with a task of {', '.join(TASKS)} and n >= 1 (e.g. vqa:2)")
+        if task not in TASKS + KINDS or not n.isdigit() or int(n) < 1:
+            die(f"task_repeat: '{it}' is not name:n with a task ({', '.join(TASKS)}) or a VQA kind ({', '.join(KINDS)}) "
+                f"and n >= 1 (e.g. vqa:2 or relation:3)")
         out[task] = int(n)
     return out
 
 
-def stage_rows(task, tasks, repeat=None):
-    """The training conversations of one epoch of a stage: those whose task (task: (n,) index into
-    TASKS) is one of `tasks`, each repeat.get(its task, 1) times. -> (rows,) long, sorted."""
+def stage_rows(data, tasks, repeat=None):
+    """The training conversations of one epoch of a stage: those of data (a split: its 'task' (n,) index
+    into TASKS, 'kind' (n,) into KINDS, -1 for other tasks) whose task is one of `tasks`, each
+    repeat[its task] * repeat[its VQA kind] times (1 where not given). -> (rows,) long, sorted."""
+    task, kind, r = data['task'], data['kind'], repeat or {}
     rows = torch.isin(task, torch.tensor([TASKS.index(t) for t in tasks])).nonzero()[:, 0]
-    times = torch.tensor([(repeat or {}).get(t, 1) for t in TASKS])
-    return rows.repeat_interleave(times[task[rows]])
+    times = torch.tensor([r.get(t, 1) for t in TASKS])[task[rows]]
+    times = times * torch.tensor([r.get(k, 1) for k in KINDS] + [1])[kind[rows]]   # kind -1 reads the last 1
+    return rows.repeat_interleave(times)
 
 
 def make_bank(c):

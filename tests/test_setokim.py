@@ -503,14 +503,18 @@ def test_the_text_only_vqa_prior_never_reads_the_image():
 
 
 def test_stage_rows_takes_the_stage_tasks_and_repeats_as_told():
-    from data.conversations import TASKS, parse_repeat, stage_rows
-    task = torch.tensor([TASKS.index(t) for t in ('caption', 'vqa', 'refer', 't2i', 'vqa', 'edit')])
-    assert stage_rows(task, ('caption', 't2i')).tolist() == [0, 3]
-    assert stage_rows(task, TASKS).tolist() == [0, 1, 2, 3, 4, 5]
+    from data.conversations import KINDS, TASKS, parse_repeat, stage_rows
+    data = {'task': torch.tensor([TASKS.index(t) for t in ('caption', 'vqa', 'refer', 't2i', 'vqa', 'edit')]),
+            'kind': torch.tensor([-1, KINDS.index('relation'), -1, -1, KINDS.index('count'), -1])}
+    assert stage_rows(data, ('caption', 't2i')).tolist() == [0, 3]
+    assert stage_rows(data, TASKS).tolist() == [0, 1, 2, 3, 4, 5]
     repeat = parse_repeat('vqa:3,edit:2')
     assert repeat == {'vqa': 3, 'edit': 2} and parse_repeat(['vqa:3', 'edit:2']) == repeat
-    assert stage_rows(task, TASKS, repeat).tolist() == [0, 1, 1, 1, 2, 3, 4, 4, 4, 5, 5]
-    assert stage_rows(task, ('caption', 't2i'), repeat).tolist() == [0, 3]
+    assert stage_rows(data, TASKS, repeat).tolist() == [0, 1, 1, 1, 2, 3, 4, 4, 4, 5, 5]
+    assert stage_rows(data, ('caption', 't2i'), repeat).tolist() == [0, 3]
+    # a VQA kind: only the questions of that kind, times their task's repeat
+    assert stage_rows(data, TASKS, parse_repeat('relation:2')).tolist() == [0, 1, 1, 2, 3, 4, 5]
+    assert stage_rows(data, TASKS, parse_repeat('vqa:2,relation:3')).tolist() == [0] + [1] * 6 + [2, 3, 4, 4, 5]
 
 
 def test_mask_decoder_learns_a_tiny_problem():
