@@ -8,7 +8,7 @@ models at a preset's shapes. Prints one markdown table.
     python bench.py device=cuda                       # the GPU rows (bf16 autocast, MFU)
     python bench.py compile=True                      # also torch.compile the batched tokenization
     python bench.py rows=smoke config=full            # both models at config/full.py's shapes: parameters, one step
-    python bench.py rows=smoke config=full device=cuda text_tokenizer=gpt2 init_from=pretrained/gpt2 pos_emb=learned \
+    python bench.py rows=smoke config=full device=cuda text_tokenizer=gpt2 init_from=pretrained/gpt2 \
         vit_init=pretrained/siglip freeze_encoder=True    # ... as the paper builds them, memory at the real batch
 
 Machines here are shared and noisy, so every speed figure is either a ratio of two things timed in
@@ -128,7 +128,7 @@ llm_n_layer = 4
 llm_n_head = 4
 llm_n_embd = 192
 block_size = 640
-pos_emb = 'rope2d'                # rope2d | learned (GPT-2's table; what init_from=GPT-2 needs) | learned+rope2d
+pos_emb = 'learned'               # learned (GPT-2's table; what init_from=GPT-2 needs) | rope2d | learned+rope2d
 mask_dim = 128
 mask_depth = 2
 mask_n_head = 4

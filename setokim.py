@@ -68,7 +68,7 @@ from setok import MLP, Block, Linear, cluster_centroids, pos_embed_2d
 # (batched generation, left-padded) and packing change nothing, and the KV cache needs no bookkeeping
 # beyond the place of the newest token (and, for rope2d, the centroid of a visual one).
 
-POS_EMBS = ('rope2d', 'learned', 'learned+rope2d')   # the last: both, the table added and the rotation
+POS_EMBS = ('learned', 'rope2d', 'learned+rope2d')   # the last: both, the table added and the rotation
 
 
 def rope_freqs(head_dim, base=100.0):
@@ -109,7 +109,7 @@ def image_offsets(vis_mask, vis_pos):
 class GPTConfig:
     vocab_size: int = 257      # text vocabulary + 1: the last row is VIS ("a visual token follows")
     block_size: int = 256      # the longest sequence (rows of the position table)
-    pos_emb: str = 'rope2d'    # one of POS_EMBS (section 1)
+    pos_emb: str = 'learned'   # one of POS_EMBS (section 1)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 192          # C

@@ -87,8 +87,8 @@ llm_n_layer = 4
 llm_n_head = 4
 llm_n_embd = 192
 block_size = 640                  # longest sequence; 'patch' tokens (256 per 64px image) need ~560
-pos_emb = 'rope2d'                # rope2d: rotary positions, 2D for visual tokens (setokim.py, section 1) | learned: GPT-2's
-                                  # table | learned+rope2d: both
+pos_emb = 'learned'               # learned: GPT-2's table | rope2d: rotary positions, 2D for visual tokens (setokim.py,
+                                  # section 1) | learned+rope2d: both (RESULTS.md, section 16: learned writes better)
 # the mask decoder
 mask_dim = 128
 mask_depth = 2

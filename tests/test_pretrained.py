@@ -172,7 +172,7 @@ def check_gpt2_folder(folder, sd, prefix):
     block_size is past GPT-2's positions; compare logits with the reference on BPE ids."""
     tok = TextTokenizer(tiny_bpe())
     hf = pretrained_config(folder)
-    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size + 1, block_size=32, pos_emb='learned', **gpt2_shape(hf)))
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size + 1, block_size=32, **gpt2_shape(hf)))
     wpe_random = gpt.wpe.weight[24:].detach().clone()
     assert load_gpt2(gpt, pretrained_weights(folder), folder) == 24
     a = tok.encode('the red circle is at the top left of the blue square')
@@ -205,7 +205,7 @@ def test_gpt2_safetensors_gives_the_reference_logits(tmp_path):
 
 def test_gpt2_bad_folders_are_one_line_errors(tmp_path, capsys):
     cfg, sd = tiny_gpt2()
-    gpt = GPT(GPTConfig(vocab_size=100, block_size=8, pos_emb='learned', **gpt2_shape(cfg)))
+    gpt = GPT(GPTConfig(vocab_size=100, block_size=8, **gpt2_shape(cfg)))
     cases = {'no such folder': lambda: pretrained_config(str(tmp_path / 'missing')),
              'config.json': lambda: pretrained_config(str(tmp_path)),
              'no pytorch_model.bin': lambda: pretrained_weights(str(tmp_path)),
@@ -213,7 +213,7 @@ def test_gpt2_bad_folders_are_one_line_errors(tmp_path, capsys):
     (tmp_path / 'broken').mkdir()
     (tmp_path / 'broken' / 'pytorch_model.bin').write_bytes(b'not a checkpoint')
     cases['not a readable checkpoint'] = lambda: pretrained_weights(str(tmp_path / 'broken'))
-    cases['no tensor h.1.ln_2.weight'] = lambda: load_gpt2(GPT(GPTConfig(vocab_size=300, block_size=8, pos_emb='learned', **gpt2_shape(cfg))),
+    cases['no tensor h.1.ln_2.weight'] = lambda: load_gpt2(GPT(GPTConfig(vocab_size=300, block_size=8, **gpt2_shape(cfg))),
                                                            {k: v for k, v in sd.items() if 'h.1.ln_2.weight' not in k})
     for want, call in cases.items():
         with pytest.raises(SystemExit) as e:
@@ -406,7 +406,7 @@ def test_bench_smoke_setokim_from_a_gpt2_folder(tmp_path):
     folder = write_hf(tmp_path / 'gpt2', cfg, sd)
     small = ['rows=smoke', 'scripts=setokim', 'config=full', 'threads=1', 'mask_dim=16', 'mask_depth=1', 'mask_n_head=2',
              'block_size=256']
-    r = run_script('bench.py', *small, f'init_from={folder}', 'text_tokenizer=gpt2', 'pos_emb=learned')
+    r = run_script('bench.py', *small, f'init_from={folder}', 'text_tokenizer=gpt2')
     assert f'GPT-2 weights from {folder}; positions 64..255 start random' in r.stdout
     # the GPT takes GPT-2's shape (2 x 32) and GPT-2's vocabulary + 7 rows; counted here independently
     C, V = 32, 50257 + 7

@@ -247,11 +247,12 @@ def test_loss_masks_cover_only_answers(tok):
     assert (st['n_ce'], st['n_reg'], st['n_seg'], st['n_vis']) == loss_counts(P, rows)
 
 
-def test_packed_rows_compute_exactly_what_one_conversation_per_row_does(tok):
+@pytest.mark.parametrize('pos_emb', ['learned', 'rope2d'])
+def test_packed_rows_compute_exactly_what_one_conversation_per_row_does(tok, pos_emb):
     """pack_rows puts several conversations into one row; the loss, every term's sum and count, and
     every gradient must equal the one-per-row batch's, and a packed conversation's hidden states must
     not depend on its neighbours in the row."""
-    bank, cfg = tiny_bank(), tiny_cfg(tok, gen_head='mse')   # the regression head: a loss without noise draws
+    bank, cfg = tiny_bank(), tiny_cfg(tok, gen_head='mse', pos_emb=pos_emb)   # regression: a loss without noise draws
     long = ([{'from': 'human', 'value': '<image>\nDescribe the image.'},
              {'from': 'gpt', 'value': 'a small red circle at the top, a large blue square at the bottom left'}], 1, None, 0)
     P = packed(tok, bank, cfg.vis_id, CONVS * 3 + [long])                 # 16 conversations, three [SEG] among them
@@ -375,7 +376,7 @@ def test_a_trained_model_writes_its_image_and_stops(tok):
     """Overfit two conversations; greedy generation then writes exactly the target's number of visual
     tokens, close to the targets, stops at [/Img], and answers the question."""
     torch.manual_seed(0)
-    bank, cfg = tiny_bank(ntok=(2, 3, 1, 3)), tiny_cfg(tok, n_layer=2, n_embd=64, gen_head='mse')
+    bank, cfg = tiny_bank(ntok=(2, 3, 1, 3)), tiny_cfg(tok, n_layer=2, n_embd=64, gen_head='mse', pos_emb='rope2d')
     P = packed(tok, bank, cfg.vis_id)
     model = SETOKIM(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -601,10 +602,10 @@ def test_resume_is_bit_identical(world, setok_dir, straight):
 def test_ddp_two_processes_match_one(world, setok_dir):
     # the regression head: the diffusion loss draws its noise in each process, so with it two processes
     # are another (equally valid) draw than one. float32: under bf16 autocast each process rounds its own
-    # half-batch's activations
-    run(world, setok_dir, 'one', 'stage2_max_iters=4', 'llm_batch_size=8', 'gen_head=mse', 'dtype=float32', *COMMON)
-    run(world, setok_dir, 'two', 'stage2_max_iters=4', 'llm_batch_size=4', 'gen_head=mse', 'dtype=float32', *COMMON,
-        torchrun=True)
+    # half-batch's activations. rope2d: its position head's loss is normalised by the global batch too
+    same = ('stage2_max_iters=4', 'gen_head=mse', 'dtype=float32', 'pos_emb=rope2d', *COMMON)
+    run(world, setok_dir, 'one', 'llm_batch_size=8', *same)
+    run(world, setok_dir, 'two', 'llm_batch_size=4', *same, torchrun=True)
     a, b = params(setok_dir, 'one'), params(setok_dir, 'two')
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
@@ -614,7 +615,7 @@ def test_missing_setok_checkpoint_and_bad_settings_are_one_line_errors(world, tm
     r = run(world, str(tmp_path), 'x', check=False)
     assert r.returncode == 2 and 'SeTok checkpoint' in r.stderr and 'not found' in r.stderr
     assert r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr
-    for bad in ('gen_head=gan', 'diff_draws=0', 'cond_drop=1', 'copy_tau=0'):   # each before any work is done
+    for bad in ('gen_head=gan', 'diff_draws=0', 'cond_drop=1', 'copy_tau=0', 'pos_emb=sinusoid'):   # before any work
         # (diff_steps, img_temperature and cfg_scale go through the same check; sample.py's tests try them)
         r = run(world, str(tmp_path), 'x', bad, check=False)
         assert r.returncode == 2 and r.stderr.startswith(f'error: {bad}') and r.stderr.count('\n') == 1, (bad, r.stderr)
