@@ -73,7 +73,7 @@ from data.text import TextTokenizer
 from detok import DetokConfig, Tokenizer
 from pretrained import gpt2_shape, init_gpt2, init_vit, pretrained_config, vit_shape
 from setok import MLP, SeTok, SeTokConfig, TokenMerger, ViT, density_peak_cluster, pos_embed_2d
-from setokim import POS_EMBS, SETOKIM, GPTConfig
+from setokim import SETOKIM, GPTConfig, pos_emb_error
 
 # -----------------------------------------------------------------------------
 # settings
@@ -610,10 +610,8 @@ def smoke_settings():
     gpt2 = '' if init_from == 'scratch' else init_from
     if gpt2 and text_tokenizer != 'gpt2':
         die(f"init_from={init_from}: GPT-2's weights only know GPT-2's BPE ids; add text_tokenizer=gpt2")
-    if pos_emb not in POS_EMBS:
-        die(f"pos_emb={pos_emb}: expected {', '.join(POS_EMBS)}")
-    if gpt2 and pos_emb != 'learned':
-        die(f"init_from={init_from}: GPT-2's positions are a learned table; add pos_emb=learned")
+    if err := pos_emb_error(pos_emb, bool(gpt2)):
+        die(err)
     shape = gpt2_shape(pretrained_config(gpt2)) if gpt2 else {'n_layer': llm_n_layer, 'n_head': llm_n_head,
                                                                 'n_embd': llm_n_embd}
     return s, vit, gpt2, shape

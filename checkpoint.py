@@ -211,14 +211,18 @@ def setok_ckpt_of(ck, path):
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), ck['setok_ckpt']))
 
 
+def gpt_config_of(ck):
+    """A SETOKIM checkpoint's saved GPTConfig fields; those written before GPTConfig.pos_emb existed had
+    learned positions."""
+    saved = ck.get('gpt_config')
+    return {'pos_emb': 'learned', **saved} if isinstance(saved, dict) else saved
+
+
 def load_setokim(path, device='cpu', ck=None):
     """-> (model, text tokenizer, setok, detok, checkpoint dict), models in eval mode: a SETOKIM and
     the frozen SeTok + detokenizer it was trained with (the same tokenizer override)."""
     ck = ck or load_checkpoint(path, kind='setokim', what='SETOKIM checkpoint')
-    saved = ck.get('gpt_config')
-    if isinstance(saved, dict) and 'pos_emb' not in saved:      # written before rope2d: learned positions
-        saved = {**saved, 'pos_emb': 'learned'}
-    model = SETOKIM(GPTConfig(**_config(GPTConfig, saved, path, 'gpt_config')))
+    model = SETOKIM(GPTConfig(**_config(GPTConfig, gpt_config_of(ck), path, 'gpt_config')))
     load_weights(model, ck.get('model', {}), path)
     setok_path = setok_ckpt_of(ck, path)
     tok = TextTokenizer(ck['text_tokenizer'])

@@ -2,7 +2,8 @@
 SETOKIM's evaluation on the test split of the shapes world, greedy and batched, one function per task:
 
     losses   teacher-forced test losses: text CE per answer token, regression per visual token, mask
-             loss per sample (stat_vector / test_losses add them up over batches and processes)
+             loss per sample, rope2d's position error per visual token (stat_vector / test_losses add
+             them up over batches and processes)
     vqa      accuracy per question kind and overall: exact match of the answer after strip/lower; and
              the same questions answered blind (the text-only prior: the commonest train answer to the
              same question), so that what the model reads from the image shows as the difference
@@ -41,18 +42,29 @@ from detok import psnr
 from setokim import visual_tokens
 
 
+TERMS = ('ce', 'reg', 'mask', 'pos')    # SETOKIM.forward's loss terms; 'pos' is rope2d's position head (else 0)
+
+
 def stat_vector(st):
-    """SETOKIM.forward's stats -> (6,): the sums of the three loss terms, then their counts; add these
-    up over batches (and processes) and divide with test_losses."""
-    return torch.tensor([float(st[k]) for k in ('ce', 'reg', 'mask', 'n_ce', 'n_reg', 'n_seg')])
+    """SETOKIM.forward's stats -> (8,): the sums of the four loss terms, then their counts; add these
+    up over batches (and processes) and divide with stat_means."""
+    return torch.tensor([float(st[k]) for k in TERMS + ('n_ce', 'n_reg', 'n_seg', 'n_vis')])
+
+
+def stat_means(sums):
+    """Summed stat_vectors -> {term: its mean}: text CE per answer token, regression per written
+    visual token, mask loss per [SEG] answer, position error per visual token."""
+    return dict(zip(TERMS, (sums[:4] / sums[4:].clamp_min(1)).tolist()))
 
 
 def test_losses(sums):
-    """Summed stat_vectors -> the mean text CE per answer token, regression per visual token and, when
-    there were masks, mask loss per sample."""
-    m = dict(zip(('test_ce', 'test_reg'), (sums[:2] / sums[3:5].clamp_min(1)).tolist()))
-    if sums[5] > 0:
-        m['test_mask'] = (sums[2] / sums[5]).item()
+    """Summed stat_vectors -> the test losses: test_ce and test_reg, and test_mask where there were
+    masks, test_pos where the model has a position head."""
+    m = {f'test_{k}': v for k, v in stat_means(sums).items()}
+    if sums[6] == 0:
+        del m['test_mask']
+    if sums[3] == 0:
+        del m['test_pos']
     return m
 
 
@@ -90,7 +102,7 @@ class Eval:
 
 
 def losses(ev, tasks):
-    sums = torch.zeros(6)
+    sums = torch.zeros(8)
     g = torch.Generator(device=ev.dev).manual_seed(ev.seed)   # the diffusion loss's noise: the same at every eval,
     for r in ev.chunks(torch.cat([ev.rows(t) for t in tasks])):   # and the training RNG (which a resume restores) untouched
         with ev.ctx:
@@ -247,7 +259,7 @@ def stream_losses(model, batches, loader, want, ctx, dev, split):
     """data_dirs: the teacher-forced test losses of the first `want` conversations of a held-out loader
     (0: all); batches is the training StreamedBatches, whose to_batch tokenises a streamed batch."""
     model.eval()
-    sums, n = torch.zeros(6), 0
+    sums, n = torch.zeros(8), 0
     want = want or len(loader.dataset)
     g = torch.Generator(device=dev).manual_seed(0)                         # as in losses()
     for b in loader:
@@ -266,7 +278,8 @@ def fmt(m):
     """The metrics as one line."""
     if not m:
         return 'no held-out conversations of these tasks: eval skipped'
-    parts = [f"test ce {m['test_ce']:.3f} reg {m['test_reg']:.3f}" + (f" mask {m['test_mask']:.3f}" if 'test_mask' in m else '')]
+    parts = [f"test ce {m['test_ce']:.3f} reg {m['test_reg']:.3f}" + (f" mask {m['test_mask']:.3f}" if 'test_mask' in m else '')
+             + (f" pos {m['test_pos']:.2e}" if 'test_pos' in m else '')]
     if 'vqa' in m:
         parts.append(f"VQA {m['vqa']:.3f} (" + ' '.join(f"{k} {m[f'vqa_{k}']:.2f}" for k in KINDS if f'vqa_{k}' in m)
                      + f"; text-only prior {m['vqa_text_prior']:.3f})")

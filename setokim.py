@@ -66,17 +66,27 @@ from setok import MLP, Block, Linear, cluster_centroids, pos_embed_2d
 #              stream, where the heads that write read it), and the rotation compares positions in attention.
 # Either way a position's place is the number of real tokens before it in its conversation, so padding
 # (batched generation, left-padded) and packing change nothing, and the KV cache needs no bookkeeping
-# beyond the place of the newest token (and, for rope2d, the centroid of a visual one).
+# beyond the place of the newest token (and, for rope2d, a visual token's centroid and rank in its image).
 
 POS_EMBS = ('learned', 'rope2d', 'learned+rope2d')   # the last: both, the table added and the rotation
+
+
+def pos_emb_error(pos_emb, gpt2=False):
+    """The one-line error for a pos_emb setting (gpt2: GPT-2's weights are loaded), or None."""
+    if pos_emb not in POS_EMBS:
+        return f"pos_emb={pos_emb}: expected {', '.join(POS_EMBS)}"
+    if gpt2 and pos_emb != 'learned':
+        return f"pos_emb={pos_emb}: GPT-2's weights come with a learned position table; use pos_emb=learned"
+    return None
 
 
 def rope_freqs(head_dim, base=100.0):
     """rope2d's rotation pairs of one head: which coordinate each pair turns by (0 = t, 1 = y, 2 = x)
     and its frequency, both (head_dim // 2,). Three sections (y and x get a third each, t the rest),
     each geometric from 1 down to 1/base radians per unit: the slowest turns 0.16 rad across the 16
-    patches of an image side, so the centroid differences inside an image stay distinct."""
-    assert head_dim % 2 == 0, f"rotary positions need an even head width, got {head_dim}"
+    patches of an image side, so the centroid differences inside an image stay distinct (along t it
+    comes round once every 628 places, longer than config=small's sequences)."""
+    assert head_dim % 2 == 0 and head_dim >= 6, f"rope2d needs an even head width of at least 6, got {head_dim}"
     n = head_dim // 2 // 3
     sizes = (head_dim // 2 - 2 * n, n, n)                                  # t, y, x
     axis = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))    # (d/2,)
@@ -108,7 +118,7 @@ def image_offsets(vis_mask, vis_pos):
 @dataclass
 class GPTConfig:
     vocab_size: int = 257      # text vocabulary + 1: the last row is VIS ("a visual token follows")
-    block_size: int = 256      # the longest sequence (rows of the position table)
+    block_size: int = 256      # the longest sequence (and the rows of the learned position table)
     pos_emb: str = 'learned'   # one of POS_EMBS (section 1)
     n_layer: int = 4
     n_head: int = 4
@@ -277,11 +287,13 @@ def setok_tokens(setok, img, ctx):
 #   idx (B',T) ids, pad on padding         real (B',T) bool
 #   doc (B',T) the conversation of each position (-1 padding): several may share a row (packing)
 #   vis_mask (B',T) visual slots           vis (M, D) their SeTok tokens, in row-major order
+#   vis_pos (M, 2) their centroids (row, column) in patch units: rope2d's positions
 #   targets (B',T) next id where it is an answer token, else -1
 #   reg_mask (B',T) positions whose NEXT token is a written visual token, reg_target (R, D) that token
 #   seg_rows, seg_pos (S,) where each [SEG] answer is; seg_tokens (S,K,D), seg_token_mask (S,K),
 #   seg_labels (S,N), seg_gt (S,H,W): the input image of each, for the mask decoder
-# Generation prompts (collate(..., prompt_extra=...)) carry idx, real, vis_mask and vis only, LEFT-padded.
+# Generation prompts (collate(..., prompt_extra=...)) carry idx, real, vis_mask, vis and vis_pos only,
+# LEFT-padded.
 
 
 # -----------------------------------------------------------------------------
@@ -649,17 +661,17 @@ class SETOKIM(nn.Module):
         else:
             msk = h.new_zeros((), dtype=torch.float32)
         # 4) rope2d: where each visual token sits (its centroid, in image sides), for every visual slot
-        pos = h.new_zeros((), dtype=torch.float32)
+        pos_loss = h.new_zeros((), dtype=torch.float32)
         if self.cfg.rope:
-            err = self.pos_head(self.normalize(b['vis'])).float() - b['vis_pos'] / self.cfg.grid   # (M, 2)
-            pos = err.pow(2).sum()
+            err = (self.written_pos(self.normalize(b['vis'])) - b['vis_pos']) / self.cfg.grid   # (M, 2)
+            pos_loss = err.pow(2).sum()                                     # () a sum, like the others
         counts = (int(tm.sum()), len(hr), S, len(b['vis']))
         n_ce, n_reg, n_seg, n_vis = norm if norm is not None else (max(1, n) for n in counts)
-        loss = ce_weight * ce / n_ce + reg_weight * reg / n_reg + mask_weight * msk / n_seg + pos / n_vis
+        loss = ce_weight * ce / n_ce + reg_weight * reg / n_reg + mask_weight * msk / n_seg + pos_loss / n_vis
         # every parameter takes part in every step, even when a term is absent from this batch (no
         # [SEG], no written image): DDP needs it, and AdamW then treats every step alike
         loss = loss + 0.0 * sum(p.view(-1)[0] for p in self.parameters())
-        stats = {'ce': ce.detach(), 'reg': reg.detach(), 'mask': msk.detach(), 'pos': pos.detach(),
+        stats = {'ce': ce.detach(), 'reg': reg.detach(), 'mask': msk.detach(), 'pos': pos_loss.detach(),
                  'n_ce': counts[0], 'n_reg': counts[1], 'n_seg': counts[2], 'n_vis': counts[3]}
         return loss, stats
 
@@ -672,7 +684,8 @@ class SETOKIM(nn.Module):
         max_image_tokens tokens. A visual token is sampled by the diffusion head (img_temperature,
         diff_steps, cfg_scale; generator: a torch.Generator for reproducible images) or regressed
         (gen_head='mse'); when the prompt holds an image, it is the copy head's pick among that image's
-        tokens, kept or plus that sampled change (section 4b). It is fed back through in_proj. A
+        tokens, kept or plus that sampled change (section 4b). It is fed back through in_proj (and under
+        rope2d at the centroid pos_head predicts for it: written_pos). A
         prompt that ends in [Img] starts writing an image at once. Rows stop at [eos] (then pad).
         Returns ids (B, S) (VIS at visual tokens) and vis (B, S, D): the SeTok-space token at every
         step where ids == VIS (zeros elsewhere). use_cache=False recomputes the whole
@@ -719,7 +732,7 @@ class SETOKIM(nn.Module):
                 v = torch.where(keep, base, base + v)
                 e = torch.where(is_vis[:, None], self.in_proj(v.to(x.dtype)).to(e.dtype), e)
             if off is not None:                                             # rope2d: where the new token sits
-                yx = self.written_pos(v.to(x.dtype)) if bool(is_vis.any()) else v.new_zeros(B, 2)
+                yx = self.written_pos(v.to(x.dtype))                        # (B, 2) (v is 0 on text rows)
                 o = F.pad(yx - n_vis[:, None].float(), (1, 0))             # (B, 3): (0, row - k, column - k)
                 o = torch.where(is_vis[:, None], o, 0.0)[:, None]          # (B, 1, 3): text (0, 0, 0)
             ids.append(nxt)

@@ -7,6 +7,7 @@ conversations. SeTok and its detokenizer are frozen.
     python train_setokim.py config=small stage=2           # instruction tuning only, from stage 1's checkpoint
     python train_setokim.py config=small tokenizer=grid    # the controlled comparison: only the visual
                                                            # tokenizer changes (setok | grid | patch)
+    python train_setokim.py config=small pos_emb=rope2d    # 2D rotary positions for visual tokens (setokim.py, 1)
     python train_setokim.py config=small init_from=resume  # continue exactly where it stopped
     python train_setokim.py config=small eval_only=True    # test-split metrics of the latest checkpoint (eval_setokim.py)
     python bench.py rows=smoke config=full                 # the full preset's shapes, one step of each stage
@@ -45,7 +46,7 @@ from functools import partial
 
 import torch
 
-from checkpoint import (RunLock, check_config, check_resume, load_checkpoint, load_setok, load_weights, rng_state,
+from checkpoint import (RunLock, check_config, check_resume, gpt_config_of, load_checkpoint, load_setok, load_weights, rng_state,
                         save_checkpoint, set_rng_state)
 from common import (HERE, Progress, RunLog, adamw, as_list, compile_on, configure, count_flops, counted_flops, die,
                     lr_at, parse_args, peak_flops, pick_device, plot_curves, setup_ddp, sha1_file, wrap_ddp)
@@ -54,9 +55,9 @@ from data.conversations import (STREAM_TASKS, TASKS, CachedBatches, StreamedBatc
 from data.shapes.prepare import prepare
 from data.text import TextTokenizer, tiktoken_gpt2
 from data.world import resolve_world, world_settings, world_splits
-from eval_setokim import Eval, evaluate, fmt, stat_vector, stream_losses
+from eval_setokim import Eval, evaluate, fmt, stat_means, stat_vector, stream_losses
 from pretrained import gpt2_shape, init_gpt2, pretrained_config
-from setokim import POS_EMBS, SETOKIM, GPTConfig, sampling_error, setok_tokens
+from setokim import SETOKIM, GPTConfig, pos_emb_error, sampling_error, setok_tokens
 
 # -----------------------------------------------------------------------------
 # settings
@@ -154,8 +155,6 @@ if stage not in (0, 1, 2):
     die(f"stage={stage}: expected 0 (both), 1 or 2")
 if text_tokenizer not in ('sentencepiece', 'gpt2'):
     die(f"text_tokenizer={text_tokenizer}: expected sentencepiece or gpt2")
-if pos_emb not in POS_EMBS:
-    die(f"pos_emb={pos_emb}: expected {', '.join(POS_EMBS)}")
 if gen_head not in ('diffusion', 'mse'):
     die(f"gen_head={gen_head}: expected diffusion or mse")
 for name, value, ok, want in (('diff_draws', diff_draws, diff_draws >= 1, 'an integer >= 1'),
@@ -176,8 +175,8 @@ if pretrained and not os.path.isdir(pretrained):
         f"--local-dir {gpt2_dir})")
 if pretrained and text_tokenizer != 'gpt2':
     die(f"init_from={init_from}: GPT-2's weights only know GPT-2's BPE ids; add text_tokenizer=gpt2")
-if pretrained and pos_emb != 'learned':
-    die(f"init_from={init_from}: GPT-2's positions are a learned table; add pos_emb=learned")
+if err := pos_emb_error(pos_emb, bool(pretrained)):
+    die(err)
 llm_shape = (gpt2_shape(pretrained_config(pretrained)) if pretrained else
              {'n_layer': llm_n_layer, 'n_head': llm_n_head, 'n_embd': llm_n_embd})
 
@@ -282,7 +281,7 @@ if master:
 
 def load_model(path, what):
     ck = load_checkpoint(path, kind='setokim', what=what)
-    check_config(path, ck['gpt_config'], asdict(gcfg))
+    check_config(path, gpt_config_of(ck), asdict(gcfg))
     load_weights(model, ck['model'], path)
     return ck
 
@@ -373,7 +372,7 @@ for s in stages:
                   gpt_params=model.gpt.num_params(), world=world, dtype=str(ptdtype).replace('torch.', ''))
     bar = Progress(max_iters, step, f'stage {s}', log_interval, enabled=master)
     t_start, tokens_seen, seqs_seen, step0, flops_tok = time.time(), 0, 0, step, None
-    acc = torch.zeros(6)
+    acc = torch.zeros(8)
     while step < max_iters:
         lr = lr_at(step, llm_learning_rate, llm_warmup_iters, llm_lr_decay_iters or max_iters, llm_min_lr_ratio)
         for g in opt.param_groups:
@@ -414,10 +413,13 @@ for s in stages:
                 acc = acc.cpu()
             if master:
                 dt = time.time() - t_start
-                ce, reg, msk = (acc[:3] / acc[3:].clamp_min(1)).tolist()
-                rec = log.write('train', step, stage=s, lr=lr, ce=ce, reg=reg, mask=msk, tok_s=tokens_seen / dt,
+                means = stat_means(acc)
+                if not gcfg.rope:
+                    del means['pos']
+                rec = log.write('train', step, stage=s, lr=lr, **means, tok_s=tokens_seen / dt,
                                 llm_tokens=tokens_seen, **({'flops_tok': flops_tok} if flops_tok else {}))
-                news = dict(ce=f"{ce:.3f}", reg=f"{reg:.3f}", mask=f"{msk:.3f}", lr=f"{lr:.1e}", tok_s=f"{rec['tok_s']:.0f}")
+                news = {**{k: f"{v:.2e}" if k == 'pos' else f"{v:.3f}" for k, v in means.items()}, 'lr': f"{lr:.1e}",
+                        'tok_s': f"{rec['tok_s']:.0f}"}
                 if mfu_peak:                                                # mean sequence length as T
                     news['mfu'] = f"{100 * model.gpt.estimate_mfu(tokens_seen / dt, tokens_seen / seqs_seen, mfu_peak):.1f}%"
             acc.zero_()

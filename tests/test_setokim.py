@@ -361,6 +361,17 @@ def test_kv_cache_and_padding_do_not_change_generation(tok, gen_head, pos_emb):
     assert torch.equal(ids, ids2)
     assert torch.allclose(vis, vis2, atol=1e-9)
     assert int((ids == cfg.vis_id).sum()) >= 4
+    if cfg.rope:       # the uncached run's last step saw every position where image_offsets puts it, over the
+        seen, forward = [], model.gpt.forward                             # whole sequence and pos_head's places
+        model.gpt.forward = lambda *a, **k: seen.append(k['offsets']) or forward(*a, **k)
+        model.generate(b, max_new_tokens=12, max_image_tokens=4, use_cache=False, **seeded())
+        del model.gpt.forward
+        Tp, T = b['idx'].shape[1], seen[-1].shape[1]                      # the prompt, then all but the last token
+        vm = torch.cat([b['vis_mask'], ids2 == cfg.vis_id], 1)[:, :T]
+        yx = torch.zeros(*vm.shape, 2, dtype=torch.double)
+        yx[:, :Tp][b['vis_mask']] = b['vis_pos'].double()
+        yx[:, Tp:] = model.written_pos(model.normalize(vis2)).double()[:, :T - Tp]
+        assert torch.allclose(seen[-1].double(), image_offsets(vm, yx[vm]).double(), atol=1e-5)
     if gen_head != 'mse':                                                 # the diffusion noise depends on the batch's rows
         return
     for i, r in enumerate([0, 1, 2, 4]):                                  # each prompt alone, unpadded
@@ -597,6 +608,15 @@ def test_resume_is_bit_identical(world, setok_dir, straight):
         assert all(torch.equal(a, b) for a, b in zip(setok.state_dict().values(), setok2.state_dict().values()))
     finally:
         os.rename(os.path.join(setok_dir, 'ckpt.pt.away'), os.path.join(setok_dir, 'ckpt.pt'))
+    # a checkpoint written before pos_emb existed (it had learned positions) loads and evaluates
+    old = shutil.copytree(os.path.join(setok_dir, 'split'), os.path.join(setok_dir, 'old'))
+    for s in (1, 2):
+        ck = torch.load(os.path.join(old, f'stage{s}.pt'), weights_only=True)
+        assert ck['gpt_config'].pop('pos_emb') == 'learned'
+        torch.save(ck, os.path.join(old, f'stage{s}.pt'))
+    assert load_setokim(os.path.join(old, 'stage2.pt'))[0].cfg.pos_emb == 'learned'
+    r = run(world, setok_dir, 'old', 'stage2_max_iters=4', 'llm_batch_size=8', 'eval_only=True', *COMMON)
+    assert 'VQA' in r.stdout
 
 
 def test_ddp_two_processes_match_one(world, setok_dir):
