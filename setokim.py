@@ -101,15 +101,21 @@ def rope_angles(coords, axis, freqs):
     return ang.cos(), ang.sin()
 
 
+def since_start(start):
+    """start (B, T) bool, True where a run begins -> (B, T) long: each position's distance from the
+    last start at or before it (from column 0 before the first): a running max of the starts' columns."""
+    j = torch.arange(start.shape[1], device=start.device).expand_as(start)
+    return j - torch.where(start, j, 0).cummax(1).values
+
+
 def image_offsets(vis_mask, vis_pos):
     """What rope2d adds to the place i of every position (GPT.forward): vis_mask (B, T) visual slots,
     vis_pos (M, 2) their centroids (row, column; row-major order over the slots) -> (B, T, 3) float.
     Text: (0, 0, 0), so (i, i, i). The k-th token of an image (k = 0, 1, ..): (0, row - k, column - k),
     so (i, s + row, s + column) with s = i - k the place of its image's first token."""
     B, T = vis_mask.shape
-    j = torch.arange(T, device=vis_mask.device).expand(B, T)
     first = vis_mask & ~F.pad(vis_mask[:, :-1], (1, 0), value=False)       # (B, T) an image's first token
-    k = (j - torch.where(first, j, 0).cummax(1).values).float()            # (B, T) rank inside its image
+    k = since_start(first).float()                                          # (B, T) rank inside its image
     yx = torch.zeros(B, T, 2, device=vis_mask.device).index_put((vis_mask,), vis_pos.float())
     off = F.pad(yx - k[..., None], (1, 0))                                  # (B, T, 3)
     return torch.where(vis_mask[..., None], off, 0.0)
@@ -212,7 +218,7 @@ class GPT(nn.Module):
             mask = (kj <= qi) & (real[:, None, :] | (kj == qi))             # (B, T, Ta)
         else:
             new = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)      # (B, T) a conversation starts
-            pos = kj - torch.where(new, kj, 0).cummax(1).values             # (B, T) places since its start
+            pos = since_start(new)                                          # (B, T) places since its start
             mask = (kj <= qi) & (doc[:, None, :] == doc[:, :, None])        # (B, T, T) causal, same conversation
         if Ta > self.cfg.block_size:       # (only then can a position overflow; no device sync otherwise)
             assert int(pos.max()) < self.cfg.block_size, f"sequence longer than block_size={self.cfg.block_size}"
